@@ -57,6 +57,8 @@ def _check_coords(coords, dim: int, device) -> torch.Tensor:
     if coords is None:
         return torch.arange(dim, device=device)
     c = torch.as_tensor(coords)
+    if c.numel() == 0:
+        raise ConfigError("coords selects no coordinate; at least one is needed for an estimate")
     if c.dtype == torch.bool:
         if c.shape != (dim,):
             raise ConfigError(f"a boolean coordinate mask must have shape ({dim},), got {tuple(c.shape)}")

@@ -1,0 +1,28 @@
+"""Shared fixtures: deterministic seeds and small float64 problems with known gradients."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def quadratic():
+    """f(x) = 0.5 x^T A x + b^T x in float64, with its analytic gradient."""
+    g = torch.Generator().manual_seed(1)
+    d = 12
+    M = torch.randn(d, d, generator=g, dtype=torch.float64)
+    A = M @ M.T / d + torch.eye(d, dtype=torch.float64)
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+
+    def f(x):
+        x = torch.as_tensor(x, dtype=torch.float64)
+        return float(0.5 * x @ A @ x + b @ x)
+
+    def grad(x):
+        return A @ torch.as_tensor(x, dtype=torch.float64) + b
+
+    return f, grad, d, A, b

@@ -1,0 +1,185 @@
+"""minimize(), the torch.optim bridge and the torch module adapter."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoblackbox import (ConfigError, CoordinateEstimator, FunctionOracle, RandomEstimator, ZOGradient, minimize)
+from zoblackbox.adapters import ModuleOracle
+
+
+def _quad_oracle(quadratic, **kw):
+    f, *_ = quadratic
+    return FunctionOracle(f, dim=quadratic[2], dtype=torch.float64, **kw)
+
+
+def test_minimize_reaches_the_minimum_of_a_quadratic(quadratic):
+    f, grad, d, A, b = quadratic
+    x_star = torch.linalg.solve(A, -b)
+    res = minimize(_quad_oracle(quadratic), np.zeros(d), estimator=CoordinateEstimator(scheme="central"),
+                   optimizer="adam", lr=0.05, maxiter=800)
+    assert res.success and res.nit == 800
+    assert np.allclose(res.x, x_star.numpy(), atol=1e-3)
+    assert res.fun == pytest.approx(f(x_star), abs=1e-6)
+    assert res.nfev == 800 * 2 * d + 1
+    assert len(res.history) == 800 and res.history[-1]["nfev"] == 800 * 2 * d
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "signsgd"])
+@pytest.mark.parametrize("estimator", [CoordinateEstimator(), RandomEstimator(q=3, antithetic=True)])
+def test_budget_is_exact_and_nfev_matches_the_oracle(quadratic, optimizer, estimator):
+    oracle = _quad_oracle(quadratic)
+    res = minimize(oracle, np.ones(quadratic[2]), estimator=estimator, optimizer=optimizer, lr=1e-3, budget=100)
+    step = estimator.num_queries(quadratic[2])
+    assert res.nfev == oracle.nfev <= 100
+    assert res.nfev == (99 // step) * step + 1  # whole iterations, then the final evaluation
+    assert res.fun < quadratic[0](np.ones(quadratic[2]))
+
+
+def test_minimize_decreases_loss_with_rge(quadratic):
+    res = minimize(_quad_oracle(quadratic), np.ones(quadratic[2]), estimator=RandomEstimator(q=10, seed=1), lr=0.05,
+                   budget=3000)
+    assert res.fun < 0.2 * quadratic[0](np.ones(quadratic[2]))
+
+
+def test_callback_can_stop(quadratic):
+    seen = []
+
+    def cb(r):
+        seen.append(r.nit)
+        return r.nit == 3
+
+    res = minimize(_quad_oracle(quadratic), np.zeros(quadratic[2]), maxiter=100, callback=cb)
+    assert seen == [1, 2, 3] and res.nit == 3 and "callback" in res.message
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"budget": 5}, "budget=5 is below the cost of one iteration"),
+    ({"optimizer": "lbfgs", "maxiter": 1}, "unknown optimizer 'lbfgs'"),
+    ({"lr": -1.0, "maxiter": 1}, "lr must be a positive finite number, got -1.0"),
+    ({}, "give a budget"),
+    ({"maxiter": -2}, "maxiter must be a non-negative int, got -2"),
+])
+def test_bad_arguments_are_refused_before_any_query(quadratic, kwargs, match):
+    oracle = _quad_oracle(quadratic)
+    with pytest.raises(ConfigError, match=match):
+        minimize(oracle, np.zeros(quadratic[2]), **kwargs)
+    assert oracle.nfev == 0
+
+
+def test_bad_x0(quadratic):
+    oracle = _quad_oracle(quadratic)
+    d = quadratic[2]
+    with pytest.raises(ConfigError, match="must be 1-D"):
+        minimize(oracle, np.zeros((d, 1)), maxiter=1)
+    with pytest.raises(ConfigError, match=f"length {d + 1}, expected the oracle's dim {d}"):
+        minimize(oracle, np.zeros(d + 1), maxiter=1)
+    x0 = np.zeros(d)
+    x0[3] = np.nan
+    with pytest.raises(ConfigError, match=r"non-finite entries at indices \[3\]"):
+        minimize(oracle, x0, maxiter=1)
+    with pytest.raises(TypeError, match="FunctionOracle"):
+        minimize(quadratic[0], x0, maxiter=1)
+    assert oracle.nfev == 0
+
+
+def _tiny_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_module_oracle_matches_the_model_and_autograd(vectorize):
+    net, (xb, yb) = _tiny_net(), _batch()
+    oracle = ModuleOracle(net, F.cross_entropy, batch=(xb, yb), vectorize=vectorize)
+    x = oracle.get_params()
+    assert oracle.dim == sum(p.numel() for p in net.parameters()) == 43
+    assert oracle(x) == pytest.approx(F.cross_entropy(net(xb), yb).item(), rel=1e-12)
+    est = CoordinateEstimator(mu=1e-6, scheme="central").estimate(oracle, x)
+    F.cross_entropy(net(xb), yb).backward()
+    g = torch.cat([p.grad.flatten() for p in net.parameters()])
+    assert torch.allclose(est.grad, g, rtol=1e-6, atol=1e-8)
+    assert torch.equal(oracle.get_params(), x)  # the module was never perturbed in place
+
+
+def test_module_oracle_on_a_parameter_subset():
+    net, batch = _tiny_net(), _batch()
+    oracle = ModuleOracle(net, F.cross_entropy, params=["2.weight", "2.bias"], batch=batch)
+    assert oracle.dim == 18 and oracle.param_names == ("2.weight", "2.bias")
+    with pytest.raises(ConfigError, match="no parameter named 'fc.weight'"):
+        ModuleOracle(net, F.cross_entropy, params=["fc.weight"])
+
+
+def test_zo_gradient_fills_grad_like_backward_and_torch_optim_steps():
+    net, (xb, yb) = _tiny_net(), _batch()
+    ref = _tiny_net()
+    F.cross_entropy(ref(xb), yb).backward()
+    zo = ZOGradient(net, F.cross_entropy, estimator=CoordinateEstimator(mu=1e-6, scheme="central"))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt.zero_grad()
+    zo.backward(xb, yb)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-8)
+    before = F.cross_entropy(net(xb), yb).item()
+    opt.step()
+    assert F.cross_entropy(net(xb), yb).item() < before
+    assert zo.nfev == 2 * 43
+
+
+def test_zo_gradient_accumulates_like_autograd():
+    net, (xb, yb) = _tiny_net(), _batch()
+    zo = ZOGradient(net, F.cross_entropy, estimator=CoordinateEstimator(mu=1e-6, scheme="central"))
+    zo.backward(xb, yb)
+    first = [p.grad.clone() for p in net.parameters()]
+    zo.backward(xb, yb)
+    for p, g in zip(net.parameters(), first):
+        assert torch.allclose(p.grad, 2 * g)
+
+
+def test_batchnorm_running_stats_untouched_by_queries_and_updated_once_per_step():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
+    xb, yb = _batch()
+    zo = ZOGradient(net, F.cross_entropy, bn_policy="batch")
+    bn = net[1]
+    zo.oracle.set_batch(xb, yb)
+    x = zo.oracle.get_params()
+    zo.oracle.evaluate(torch.stack([x, x + 0.1]))
+    assert torch.equal(bn.running_mean, torch.zeros(6, dtype=torch.float64)) and bn.num_batches_tracked == 0
+    # the query in "batch" mode equals a training-mode forward with batch statistics
+    net.train()
+    expected = F.cross_entropy(net(xb), yb).item()  # this forward updates the stats once
+    assert zo.oracle(x) == pytest.approx(expected, rel=1e-12)
+    stats = bn.running_mean.clone()
+    zo.backward(xb, yb)
+    assert bn.num_batches_tracked == 2  # one update from the manual forward, one from the step
+    assert not torch.equal(bn.running_mean, stats)
+    assert net.training  # modes restored
+
+
+def test_batchnorm_eval_policy_uses_running_stats():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
+    net[1].running_mean.fill_(0.5)
+    xb, yb = _batch()
+    oracle = ModuleOracle(net, F.cross_entropy, bn_policy="eval", batch=(xb, yb))
+    net.eval()
+    assert oracle(oracle.get_params()) == pytest.approx(F.cross_entropy(net(xb), yb).item(), rel=1e-12)
+
+
+def test_module_oracle_bad_input():
+    net = _tiny_net()
+    with pytest.raises(ConfigError, match="bn_policy must be one of"):
+        ModuleOracle(net, F.cross_entropy, bn_policy="train")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        ModuleOracle(lambda x: x, F.cross_entropy)
+    oracle = ModuleOracle(net, F.cross_entropy)
+    with pytest.raises(ConfigError, match="no data batch"):
+        oracle.evaluate(oracle.get_params()[None])
