@@ -2,4 +2,4 @@
 
 from .torch_module import BN_POLICIES, ModuleOracle
 
-__all__ = ["ModuleOracle", "BN_POLICIES"]
+__all__ = ["BN_POLICIES", "ModuleOracle"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from zoblackbox.errors import ConfigError
 from zoblackbox.oracle import Oracle
 from zoblackbox.params import ParamLayout
 
-__all__ = ["ModuleOracle", "BN_POLICIES"]
+__all__ = ["BN_POLICIES", "ModuleOracle"]
 
 BN_POLICIES = ("batch", "eval")
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)

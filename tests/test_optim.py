@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from zoblackbox import (ConfigError, CoordinateEstimator, FunctionOracle, RandomEstimator, ZOGradient, minimize)
 from zoblackbox.adapters import ModuleOracle
+
+from zoblackbox import ConfigError, CoordinateEstimator, FunctionOracle, RandomEstimator, ZOGradient, minimize
 
 
 def _quad_oracle(quadratic, **kw):
@@ -16,7 +16,7 @@ def _quad_oracle(quadratic, **kw):
 
 
 def test_minimize_reaches_the_minimum_of_a_quadratic(quadratic):
-    f, grad, d, A, b = quadratic
+    f, _, d, A, b = quadratic
     x_star = torch.linalg.solve(A, -b)
     res = minimize(_quad_oracle(quadratic), np.zeros(d), estimator=CoordinateEstimator(scheme="central"),
                    optimizer="adam", lr=0.05, maxiter=800)

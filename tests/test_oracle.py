@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from zoblackbox import (BudgetExhaustedError, ConfigError, FailurePolicy, FunctionOracle, OracleError, ZOError)
+from zoblackbox import BudgetExhaustedError, ConfigError, FailurePolicy, FunctionOracle, OracleError, ZOError
 
 
 def test_counts_every_query_and_accepts_numpy():

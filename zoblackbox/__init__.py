@@ -14,35 +14,35 @@ from .errors import (
     ZOError,
 )
 from .estimators import CoordinateEstimator, Estimate, Estimator, RandomEstimator
-from .oracle import FailurePolicy, FunctionOracle, Oracle, QueryFailure
 from .optim import SignSGD, ZOGradient, minimize
+from .oracle import FailurePolicy, FunctionOracle, Oracle, QueryFailure
 from .params import ParamLayout
 from .plan import QueryPlan
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Oracle",
-    "FunctionOracle",
-    "FailurePolicy",
-    "QueryFailure",
-    "QueryPlan",
-    "ParamLayout",
-    "Estimator",
-    "Estimate",
-    "CoordinateEstimator",
-    "RandomEstimator",
-    "minimize",
-    "SignSGD",
-    "ZOGradient",
-    "Trainer",
-    "ZOError",
-    "ConfigError",
-    "OracleError",
     "BudgetExhaustedError",
     "CheckpointError",
+    "ConfigError",
+    "CoordinateEstimator",
+    "Estimate",
+    "Estimator",
+    "FailurePolicy",
+    "FunctionOracle",
     "MissingDependencyError",
+    "Oracle",
+    "OracleError",
+    "ParamLayout",
+    "QueryFailure",
+    "QueryPlan",
+    "RandomEstimator",
+    "SignSGD",
+    "Trainer",
+    "ZOError",
+    "ZOGradient",
     "__version__",
+    "minimize",
 ]
 
 

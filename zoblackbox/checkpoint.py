@@ -27,7 +27,7 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "FORMAT", "VERSION"]
+__all__ = ["FORMAT", "VERSION", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "zoblackbox-checkpoint"
 VERSION = 1

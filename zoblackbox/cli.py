@@ -13,7 +13,7 @@ import torch
 from . import __version__
 from .errors import ZOError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 DEMO_DEFAULTS = {"epochs": 12, "lr": 0.02, "batch_size": 128, "mu": 5e-3, "seed": 0}
 

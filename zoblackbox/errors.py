@@ -8,12 +8,12 @@ that generic code keeps working.
 from __future__ import annotations
 
 __all__ = [
-    "ZOError",
-    "ConfigError",
-    "OracleError",
     "BudgetExhaustedError",
     "CheckpointError",
+    "ConfigError",
     "MissingDependencyError",
+    "OracleError",
+    "ZOError",
 ]
 
 

@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .oracle import as_vector
 from .plan import QueryPlan
 
-__all__ = ["Estimate", "Estimator", "CoordinateEstimator", "RandomEstimator"]
+__all__ = ["CoordinateEstimator", "Estimate", "Estimator", "RandomEstimator"]
 
 
 @dataclass

@@ -6,7 +6,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["digits_cnn", "digits_mlp", "count_params", "MODELS"]
+__all__ = ["MODELS", "count_params", "digits_cnn", "digits_mlp"]
 
 
 def digits_cnn(channels: tuple[int, int] = (8, 16), hidden: int = 32, num_classes: int = 10) -> nn.Sequential:

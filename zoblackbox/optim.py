@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from scipy.optimize import OptimizeResult
@@ -21,7 +21,7 @@ from .errors import BudgetExhaustedError, ConfigError
 from .estimators import CoordinateEstimator, Estimate, Estimator
 from .oracle import Oracle, as_vector
 
-__all__ = ["minimize", "SignSGD", "ZOGradient", "make_optimizer", "OPTIMIZERS"]
+__all__ = ["OPTIMIZERS", "SignSGD", "ZOGradient", "make_optimizer", "minimize"]
 
 
 class SignSGD(torch.optim.Optimizer):

@@ -22,8 +22,8 @@ the failure policy are the same whichever scheduler runs the queries.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -31,9 +31,9 @@ import torch
 from .errors import BudgetExhaustedError, ConfigError, OracleError
 
 __all__ = [
-    "Oracle",
-    "FunctionOracle",
     "FailurePolicy",
+    "FunctionOracle",
+    "Oracle",
     "QueryFailure",
     "RawResult",
     "as_vector",
@@ -68,7 +68,7 @@ class FailurePolicy:
             raise ConfigError(f"retries must be a non-negative int, got {self.retries!r}")
 
     @classmethod
-    def coerce(cls, spec: "FailurePolicy | str") -> "FailurePolicy":
+    def coerce(cls, spec: FailurePolicy | str) -> FailurePolicy:
         if isinstance(spec, FailurePolicy):
             return spec
         if spec == "retry":

@@ -8,8 +8,8 @@ coordinate belongs to.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import torch
 
@@ -26,7 +26,7 @@ class ParamLayout:
     shapes: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def from_tensors(cls, named: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> "ParamLayout":
+    def from_tensors(cls, named: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> ParamLayout:
         items = list(named.items() if isinstance(named, Mapping) else named)
         if not items:
             raise ConfigError("a parameter layout needs at least one tensor")

@@ -1,0 +1,402 @@
+"""The oracle: an opaque function of a flat parameter vector, queried and counted.
+
+An oracle maps a 1-D parameter vector ``x`` (length :attr:`Oracle.dim`) to a scalar loss. The
+library never differentiates it; it only *queries* it, one point (:meth:`Oracle.__call__`) or a
+batch of ``K`` points (:meth:`Oracle.evaluate`). Every query is counted in :attr:`Oracle.nfev`,
+budgets are exact (a batch that would overrun the budget is refused before anything runs), and
+failed queries (exceptions, non-finite values, timeouts) are handled by a :class:`FailurePolicy`
+and recorded in :attr:`Oracle.failures`.
+
+Subclasses implement one of two hooks:
+
+* :meth:`Oracle._evaluate_one` -- one point at a time (the default batch loop isolates failures
+  per query), or
+* :meth:`Oracle._evaluate_batch` -- a vectorized batch of points (a batch that raises marks all of
+  its queries as failed).
+
+Schedulers (``zoblackbox.schedule``) evaluate a :class:`~zoblackbox.plan.QueryPlan` through
+:meth:`Oracle.reserve`, :meth:`Oracle.raw_evaluate` and :meth:`Oracle.record`, so the counting and
+the failure policy are the same whichever scheduler runs the queries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from .errors import BudgetExhaustedError, ConfigError, OracleError
+
+__all__ = [
+    "Oracle",
+    "FunctionOracle",
+    "FailurePolicy",
+    "QueryFailure",
+    "RawResult",
+    "as_vector",
+]
+
+_ACTIONS = ("raise", "inf", "skip")
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """What to do with a failed query (it raised, returned NaN/inf, or timed out).
+
+    Args:
+        action: ``"raise"`` (default) stops with :class:`~zoblackbox.errors.OracleError` naming
+            the query index and the bad value; ``"inf"`` reports the query's loss as ``+inf``;
+            ``"skip"`` reports it as ``nan``. Estimators leave non-finite losses out of their
+            finite differences, so ``inf`` and ``skip`` keep a run going.
+        retries: how many times a failed query is re-evaluated (each attempt is a counted query,
+            within the budget) before ``action`` applies.
+
+    The string shortcuts accepted wherever a policy is expected are ``"raise"``, ``"inf"``,
+    ``"skip"`` and ``"retry"`` (= ``FailurePolicy("skip", retries=3)``).
+    """
+
+    action: str = "raise"
+    retries: int = 0
+
+    def __post_init__(self):
+        if self.action not in _ACTIONS:
+            raise ConfigError(f"unknown failure action {self.action!r}; expected one of {_ACTIONS}")
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
+            raise ConfigError(f"retries must be a non-negative int, got {self.retries!r}")
+
+    @classmethod
+    def coerce(cls, spec: "FailurePolicy | str") -> "FailurePolicy":
+        if isinstance(spec, FailurePolicy):
+            return spec
+        if spec == "retry":
+            return cls("skip", retries=3)
+        if isinstance(spec, str) and spec in _ACTIONS:
+            return cls(spec)
+        raise ConfigError(
+            f"unknown failure policy {spec!r}; expected a FailurePolicy or one of "
+            f"{_ACTIONS + ('retry',)}"
+        )
+
+
+@dataclass
+class QueryFailure:
+    """The record of one failed query (kept in :attr:`Oracle.failures`)."""
+
+    index: int
+    kind: str  # "exception" | "nonfinite" | "timeout"
+    message: str
+    value: float | None = None
+    attempts: int = 1
+    resolved: bool = False  # a retry produced a finite value
+
+    def as_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "kind": self.kind,
+            "message": self.message,
+            "value": self.value,
+            "attempts": self.attempts,
+            "resolved": self.resolved,
+        }
+
+
+@dataclass
+class RawResult:
+    """Losses of a batch before the failure policy: ``values[i]`` is meaningless where
+    ``errors`` has an entry for ``i``."""
+
+    values: torch.Tensor  # float64, shape (K,)
+    errors: dict[int, BaseException] = field(default_factory=dict)
+
+
+def as_vector(x, *, dim: int | None = None, dtype=None, device=None, name: str = "x") -> torch.Tensor:
+    """Convert ``x`` (tensor, numpy array or sequence) to a detached 1-D tensor, checking it."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name} must be a 1-D array of numbers, got {type(x).__name__}: {x!r}")
+    try:
+        t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be a 1-D array of numbers, got {type(x).__name__}: {exc}") from exc
+    if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
+        raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ConfigError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if dim is not None and t.shape[0] != dim:
+        raise ConfigError(f"{name} has length {t.shape[0]}, expected the oracle's dim {dim}")
+    t = t.detach()
+    if dtype is not None or not t.is_floating_point():
+        t = t.to(dtype=dtype or torch.get_default_dtype())
+    if device is not None:
+        t = t.to(device)
+    return t
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+class Oracle:
+    """Base class of every oracle: counted, budgeted queries with a failure policy.
+
+    Args:
+        dim: length of the parameter vector.
+        budget: maximum number of queries over the oracle's lifetime (``None``: unlimited).
+        on_failure: a :class:`FailurePolicy` or its string shortcut.
+        dtype: dtype of the points handed to the hooks (default: torch's default dtype).
+        device: device of those points.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        budget: int | None = None,
+        on_failure: FailurePolicy | str = "raise",
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ):
+        if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
+            raise ConfigError(f"dim must be a positive int, got {dim!r}")
+        if budget is not None and (not isinstance(budget, (int, np.integer)) or budget < 0):
+            raise ConfigError(f"budget must be a non-negative int or None, got {budget!r}")
+        self._dim = int(dim)
+        self.budget = None if budget is None else int(budget)
+        self.policy = FailurePolicy.coerce(on_failure)
+        self.dtype = dtype or torch.get_default_dtype()
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.nfev = 0
+        self.failures: list[QueryFailure] = []
+
+    # ------------------------------------------------------------------ protocol
+    @property
+    def dim(self) -> int:
+        """Length of the parameter vector."""
+        return self._dim
+
+    @property
+    def remaining(self) -> float:
+        """Queries left in the budget (``math.inf`` when unlimited)."""
+        return math.inf if self.budget is None else self.budget - self.nfev
+
+    def __call__(self, x) -> float:
+        """Loss at one point ``x`` (counted as one query)."""
+        x = as_vector(x, dim=self.dim, dtype=self.dtype, device=self.device)
+        return float(self.evaluate(x[None])[0])
+
+    def evaluate(self, X) -> torch.Tensor:
+        """Losses at the ``K`` rows of ``X`` (shape ``(K, dim)``) as a float64 tensor of length K."""
+        X = self._check_batch(X)
+        self.reserve(X.shape[0])
+        raw = self.raw_evaluate(X)
+        return self.record(raw, lambda i: X[i])
+
+    def evaluate_plan(self, plan, chunk_size: int | None = None) -> torch.Tensor:
+        """Losses of every query of a :class:`~zoblackbox.plan.QueryPlan`, in plan order.
+
+        The whole plan is reserved against the budget before the first query; points are
+        materialized ``chunk_size`` rows at a time (default :attr:`chunk_size`).
+        """
+        n = len(plan)
+        self.reserve(n)
+        size = int(chunk_size or self.chunk_size)
+        if size < 1:
+            raise ConfigError(f"chunk_size must be >= 1, got {chunk_size!r}")
+        out = torch.empty(n, dtype=torch.float64)
+        for start, stop in iter_chunks(n, size):
+            X = plan.points(start, stop).to(device=self.device, dtype=self.dtype)
+            raw = self.raw_evaluate(X)
+            out[start:stop] = self.record(raw, lambda i, s=start: plan.point(s + i).to(self.device, self.dtype))
+        return out
+
+    #: rows materialized at once by :meth:`evaluate_plan`
+    chunk_size: int = 256
+
+    # ------------------------------------------------------------------ hooks
+    def _evaluate_one(self, x: torch.Tensor) -> float:
+        """Loss at one point; override this or :meth:`_evaluate_batch`."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _evaluate_one nor _evaluate_batch")
+
+    def _evaluate_batch(self, X: torch.Tensor) -> torch.Tensor:
+        """Losses at the rows of ``X``; override for vectorized evaluation."""
+        return torch.tensor([float(self._evaluate_one(x)) for x in X], dtype=torch.float64)
+
+    # ------------------------------------------------------------------ scheduler API
+    def reserve(self, n: int) -> None:
+        """Refuse (before anything runs) a batch of ``n`` queries that would overrun the budget."""
+        if self.budget is not None and self.nfev + n > self.budget:
+            raise BudgetExhaustedError(
+                f"a batch of {n} queries would exceed the budget of {self.budget} "
+                f"({self.nfev} already spent, {self.budget - self.nfev} left)"
+            )
+
+    def raw_evaluate(self, X: torch.Tensor) -> RawResult:
+        """Evaluate without counting or failure policy (schedulers call this, then :meth:`record`).
+
+        With a per-point oracle, exceptions are isolated per query; a vectorized batch that raises
+        marks every query of the batch as failed with that exception.
+        """
+        with torch.no_grad():
+            if type(self)._evaluate_batch is Oracle._evaluate_batch:
+                values = torch.empty(X.shape[0], dtype=torch.float64)
+                errors: dict[int, BaseException] = {}
+                for i in range(X.shape[0]):
+                    try:
+                        values[i] = _to_float(self._evaluate_one(X[i]))
+                    except Exception as exc:  # noqa: BLE001 - every failure goes to the policy
+                        values[i] = math.nan
+                        errors[i] = exc
+                return RawResult(values, errors)
+            try:
+                out = self._evaluate_batch(X)
+                values = torch.as_tensor(out).detach().to("cpu", torch.float64).reshape(-1)
+                if values.shape[0] != X.shape[0]:
+                    raise OracleError(
+                        f"{type(self).__name__}._evaluate_batch returned {values.shape[0]} values "
+                        f"for a batch of {X.shape[0]} points"
+                    )
+                return RawResult(values, {})
+            except OracleError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                nan = torch.full((X.shape[0],), math.nan, dtype=torch.float64)
+                return RawResult(nan, {i: exc for i in range(X.shape[0])})
+
+    def record(self, raw: RawResult, point: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """Count the batch's queries and apply the failure policy; returns the final losses.
+
+        ``point(i)`` rebuilds the i-th query point (used for retries only).
+        """
+        values = raw.values.clone()
+        first = self.nfev
+        self.nfev += values.shape[0]
+        nonfinite = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        bad = sorted(set(raw.errors) | set(nonfinite))
+        for i in bad:
+            values[i] = self._settle(first + i, i, float(values[i]), raw.errors.get(i), point)
+        return values
+
+    # ------------------------------------------------------------------ failures
+    def _settle(self, index: int, i: int, value: float, exc: BaseException | None, point) -> float:
+        failure = _describe(index, value, exc)
+        while failure.attempts <= self.policy.retries and self.remaining >= 1:
+            retry = self.raw_evaluate(point(i)[None])
+            self.nfev += 1
+            failure.attempts += 1
+            v = float(retry.values[0])
+            if 0 not in retry.errors and math.isfinite(v):
+                failure.resolved = True
+                self.failures.append(failure)
+                return v
+        self.failures.append(failure)
+        if self.policy.action == "raise":
+            raise OracleError(
+                failure.message + _retry_note(failure), query_index=index, value=failure.value, kind=failure.kind
+            ) from exc
+        return math.inf if self.policy.action == "inf" else math.nan
+
+    def failure_report(self) -> dict:
+        """Counts of failed queries by kind, and how many a retry resolved."""
+        report = {"failed_queries": len(self.failures), "resolved_by_retry": 0, "by_kind": {}}
+        for f in self.failures:
+            report["by_kind"][f.kind] = report["by_kind"].get(f.kind, 0) + 1
+            report["resolved_by_retry"] += int(f.resolved)
+        return report
+
+    # ------------------------------------------------------------------ helpers
+    def _check_batch(self, X) -> torch.Tensor:
+        if isinstance(X, (str, bytes)) or X is None:
+            raise TypeError(f"X must be a 2-D array of shape (K, {self.dim}), got {type(X).__name__}")
+        t = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
+        if t.dim() != 2 or t.shape[1] != self.dim:
+            raise ConfigError(f"X must have shape (K, {self.dim}), got {tuple(t.shape)}")
+        if t.shape[0] == 0:
+            raise ConfigError("X must hold at least one point, got an empty batch")
+        return t.detach().to(device=self.device, dtype=self.dtype)
+
+    def state_dict(self) -> dict:
+        """Counters to checkpoint (the oracle's function itself is not saved)."""
+        return {"nfev": self.nfev, "failures": [f.as_dict() for f in self.failures]}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.nfev = int(state["nfev"])
+        self.failures = [QueryFailure(**f) for f in state.get("failures", [])]
+
+    def __repr__(self) -> str:
+        budget = "" if self.budget is None else f", budget={self.budget}"
+        return f"{type(self).__name__}(dim={self.dim}, nfev={self.nfev}{budget})"
+
+
+class FunctionOracle(Oracle):
+    """Wrap any Python callable as an oracle.
+
+    Args:
+        fn: ``fn(x) -> float`` for one 1-D point, or, with ``vectorized=True``,
+            ``fn(X) -> K losses`` for a ``(K, dim)`` batch.
+        dim: length of the parameter vector.
+        vectorized: whether ``fn`` takes a batch.
+        numpy: hand ``fn`` numpy arrays instead of torch tensors (for simulators written in numpy).
+        **kwargs: ``budget``, ``on_failure``, ``dtype``, ``device`` as in :class:`Oracle`.
+
+    Example:
+        >>> oracle = FunctionOracle(lambda x: float((x ** 2).sum()), dim=3)
+        >>> oracle([1.0, 2.0, 2.0])
+        9.0
+    """
+
+    def __init__(self, fn: Callable, dim: int, *, vectorized: bool = False, numpy: bool = False, **kwargs):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}: {fn!r}")
+        super().__init__(dim, **kwargs)
+        self.fn = fn
+        self.vectorized = bool(vectorized)
+        self.numpy = bool(numpy)
+
+    def _convert(self, x: torch.Tensor):
+        return x.cpu().numpy() if self.numpy else x
+
+    def _evaluate_one(self, x):
+        return self.fn(self._convert(x))
+
+    def raw_evaluate(self, X):
+        if not self.vectorized:
+            return super().raw_evaluate(X)
+        with torch.no_grad():
+            try:
+                out = self.fn(self._convert(X))
+                values = torch.as_tensor(np.asarray(out, dtype=np.float64) if not isinstance(out, torch.Tensor) else out)
+                values = values.detach().to("cpu", torch.float64).reshape(-1)
+            except Exception as exc:  # noqa: BLE001
+                return RawResult(torch.full((X.shape[0],), math.nan, dtype=torch.float64), {i: exc for i in range(X.shape[0])})
+        if values.shape[0] != X.shape[0]:
+            raise OracleError(f"vectorized fn returned {values.shape[0]} values for a batch of {X.shape[0]} points")
+        return RawResult(values, {})
+
+
+def _to_float(v) -> float:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise OracleError(f"the oracle must return a scalar loss, got a tensor of shape {tuple(v.shape)}")
+        return float(v.detach().cpu())
+    arr = np.asarray(v)
+    if arr.size != 1 or arr.dtype.kind not in "biuf":
+        raise OracleError(f"the oracle must return a real scalar loss, got {type(v).__name__}: {v!r}")
+    return float(arr.reshape(()))
+
+
+def _describe(index: int, value: float, exc: BaseException | None) -> QueryFailure:
+    if exc is None:
+        return QueryFailure(index, "nonfinite", f"query #{index} returned the non-finite loss {value!r}", value)
+    kind = "timeout" if isinstance(exc, TimeoutError) else "exception"
+    return QueryFailure(index, kind, f"query #{index} raised {type(exc).__name__}: {exc}", None)
+
+
+def _retry_note(f: QueryFailure) -> str:
+    return f" (after {f.attempts} attempts)" if f.attempts > 1 else ""
+
+
+def iter_chunks(n: int, size: int) -> Iterable[tuple[int, int]]:
+    """Yield ``(start, stop)`` pairs that cover ``range(n)`` in chunks of at most ``size``."""
+    for start in range(0, n, size):
+        yield start, min(n, start + size)

@@ -1,0 +1,285 @@
+"""Training torch models with zeroth-order gradients (or first-order, for reference).
+
+:class:`Trainer` runs epochs over a data loader with any ``torch.optim`` optimizer and a warm-up +
+cosine (or constant) LR schedule; the gradient comes from :class:`~zoblackbox.optim.ZOGradient`
+(``method="zo"``) or from autograd (``method="fo"``, the reference the ZO run is compared with).
+It shows a tqdm progress bar, appends one JSON line of metrics per epoch to
+``<output_dir>/metrics.jsonl``, and writes a safe checkpoint (``zoblackbox.checkpoint``) every
+``checkpoint_every`` epochs from which :meth:`Trainer.fit` resumes with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .errors import CheckpointError, ConfigError
+from .estimators import Estimator
+from .optim import ZOGradient, make_optimizer
+
+__all__ = ["Trainer", "warmup_cosine"]
+
+METHODS = ("zo", "fo")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int = 0, final_fraction: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup_steps``, then cosine decay to ``final_fraction``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        t = min(1.0, (step - warmup_steps) / span)
+        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+class Trainer:
+    """Epoch-based training with a ZO (or FO) gradient.
+
+    Args:
+        model: the module to train (moved to ``device``).
+        train_loader: yields ``(inputs, targets)``; its ``generator`` (if any) is checkpointed so a
+            resumed run sees the same shuffles.
+        test_loader: optional, evaluated after every epoch.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` (default cross-entropy).
+        method: ``"zo"`` (zeroth-order, default) or ``"fo"`` (autograd reference).
+        estimator: ZO estimator (default ``CoordinateEstimator()``).
+        optimizer: a name (``sgd``, ``adam``, ``adamw``, ``signsgd``) or a ``torch.optim`` class.
+        lr: peak learning rate.
+        optimizer_kwargs: e.g. ``{"momentum": 0.9, "weight_decay": 5e-4}``.
+        lr_schedule: ``"cosine"`` (warm-up then cosine decay, per step) or ``"constant"``.
+        warmup_steps: linear warm-up length (steps).
+        epochs: number of epochs.
+        budget: maximum ZO queries; training stops cleanly before a step would exceed it.
+        bn_policy: BatchNorm handling during ZO queries (``"batch"`` or ``"eval"``).
+        scheduler: query scheduler for the ZO estimates (``zoblackbox.schedule``).
+        device: ``"cpu"``, ``"cuda"``, ...
+        output_dir: where ``metrics.jsonl`` and checkpoints go (``None``: nothing written).
+        checkpoint_every: epochs between checkpoints (needs ``output_dir``).
+        progress: show tqdm progress bars.
+        oracle_kwargs: extra arguments of the :class:`~zoblackbox.adapters.torch_module.ModuleOracle`
+            (``on_failure``, ``chunk_size``, ...).
+    """
+
+    def __init__(self, model: nn.Module, train_loader, test_loader=None, *, loss_fn: Callable = F.cross_entropy,
+                 method: str = "zo", estimator: Estimator | None = None, optimizer="adam", lr: float = 1e-3,
+                 optimizer_kwargs: dict | None = None, lr_schedule: str = "cosine", warmup_steps: int = 0,
+                 epochs: int = 10, budget: int | None = None, bn_policy: str = "batch", scheduler=None,
+                 device: str | torch.device = "cpu", output_dir: str | Path | None = None,
+                 checkpoint_every: int = 1, progress: bool = True, oracle_kwargs: dict | None = None):
+        if method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        for name, value, low in (("epochs", epochs, 1), ("warmup_steps", warmup_steps, 0),
+                                 ("checkpoint_every", checkpoint_every, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ConfigError(f"budget must be a positive int or None, got {budget!r}")
+        try:
+            self.steps_per_epoch = len(train_loader)
+        except TypeError:
+            raise ConfigError("train_loader must have a length (a DataLoader over a map-style dataset)") from None
+        if self.steps_per_epoch < 1:
+            raise ConfigError("train_loader yields no batch")
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.loss_fn, self.method, self.epochs = loss_fn, method, epochs
+        self.budget, self.output_dir = budget, Path(output_dir) if output_dir is not None else None
+        self.checkpoint_every, self.progress = checkpoint_every, progress
+        self.optimizer = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr,
+                                        **(optimizer_kwargs or {}))
+        total = epochs * self.steps_per_epoch
+        factor = warmup_cosine(total, warmup_steps) if lr_schedule == "cosine" else (lambda step: 1.0)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.zo = None
+        if method == "zo":
+            self.zo = ZOGradient(model, loss_fn, estimator=estimator, bn_policy=bn_policy, scheduler=scheduler,
+                                 budget=budget, **(oracle_kwargs or {}))
+            self.step_cost = self.zo.estimator.num_queries(self.zo.oracle.dim)
+            if budget is not None and budget < self.step_cost:
+                raise ConfigError(f"budget={budget} is below the cost of one step ({self.step_cost} queries)")
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict] = []
+        self._wall_offset = 0.0
+
+    # ------------------------------------------------------------------ metrics
+    @property
+    def queries(self) -> int:
+        """ZO queries spent so far (0 for first-order training)."""
+        return self.zo.nfev if self.zo is not None else 0
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict:
+        """Mean loss and accuracy over a loader (a white-box metric, not counted as queries)."""
+        was_training = self.model.training
+        self.model.eval()
+        total, loss_sum, correct = 0, 0.0, 0
+        try:
+            for xb, yb in loader:
+                xb, yb = xb.to(self.device), yb.to(self.device)
+                out = self.model(xb)
+                loss_sum += float(self.loss_fn(out, yb)) * len(yb)
+                if out.dim() == 2 and yb.dim() == 1:
+                    correct += int((out.argmax(1) == yb).sum())
+                total += len(yb)
+        finally:
+            self.model.train(was_training)
+        return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
+
+    # ------------------------------------------------------------------ training
+    def _step(self, xb, yb) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.zo is not None:
+            loss = self.zo.backward(xb, yb)
+            loss = math.nan if loss is None else loss
+        else:
+            out = self.model(xb.to(self.device))
+            loss_t = self.loss_fn(out, yb.to(self.device))
+            loss_t.backward()
+            loss = float(loss_t.detach())
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.global_step += 1
+        return loss
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train for the configured epochs (continuing from the last checkpoint with ``resume``).
+
+        Returns:
+            a summary: ``test_acc``, ``test_loss``, ``train_acc``, ``queries``, ``steps``,
+            ``epochs``, ``wall_s``, ``stop_reason``, ``failures`` and the per-epoch ``history``.
+        """
+        if resume:
+            self.resume()
+        t0 = time.perf_counter() - self._wall_offset
+        stop_reason = "completed"
+        metrics_file = None
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            metrics_file = self.output_dir / "metrics.jsonl"
+        self.model.train()
+        while self.epoch < self.epochs and stop_reason == "completed":
+            losses = []
+            bar = tqdm(self.train_loader, desc=f"{self.method.upper()} epoch {self.epoch + 1}/{self.epochs}",
+                       disable=not self.progress, leave=False, dynamic_ncols=True)
+            for xb, yb in bar:
+                if self.budget is not None and self.queries + self.step_cost > self.budget:
+                    stop_reason = f"query budget reached ({self.queries} of {self.budget})"
+                    break
+                losses.append(self._step(xb, yb))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", queries=self.queries, refresh=False)
+            bar.close()
+            if stop_reason == "completed":
+                self.epoch += 1
+            record = self._epoch_record(losses, time.perf_counter() - t0)
+            self.history.append(record)
+            if self.progress:
+                tqdm.write(_format_record(record, self.epochs))
+            if metrics_file is not None:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if self.output_dir is not None and (self.epoch % self.checkpoint_every == 0 or self.epoch == self.epochs):
+                self._wall_offset = time.perf_counter() - t0
+                self.save_checkpoint()
+        wall = time.perf_counter() - t0
+        last = self.history[-1] if self.history else {}
+        return {
+            "test_acc": last.get("test_acc"), "test_loss": last.get("test_loss"), "train_acc": last.get("train_acc"),
+            "queries": self.queries, "steps": self.global_step, "epochs": self.epoch, "wall_s": wall,
+            "stop_reason": stop_reason, "history": self.history,
+            "failures": self.zo.oracle.failure_report() if self.zo is not None else None,
+        }
+
+    def _epoch_record(self, losses: list[float], wall: float) -> dict:
+        finite = [v for v in losses if math.isfinite(v)]
+        record = {"epoch": self.epoch, "step": self.global_step, "method": self.method,
+                  "train_batch_loss": sum(finite) / len(finite) if finite else None,
+                  "lr": self.optimizer.param_groups[0]["lr"], "queries": self.queries, "wall_s": round(wall, 3)}
+        train = self.evaluate(self.train_loader)
+        record.update(train_loss=train["loss"], train_acc=train["acc"])
+        if self.test_loader is not None:
+            test = self.evaluate(self.test_loader)
+            record.update(test_loss=test["loss"], test_acc=test["acc"])
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "wall_offset": self._wall_offset,
+            "history": json.dumps(self.history),
+        }
+        generator = getattr(self.train_loader, "generator", None)
+        if isinstance(generator, torch.Generator):
+            state["loader_rng"] = generator.get_state()
+        if self.zo is not None:
+            state["oracle"] = self.zo.oracle.state_dict()
+            if hasattr(self.zo.estimator, "state_dict"):
+                state["estimator"] = self.zo.estimator.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+            torch.set_rng_state(state["torch_rng"])
+            self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+            self._wall_offset = float(state["wall_offset"])
+            self.history = json.loads(state["history"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint does not match this trainer/model: {exc}") from exc
+        generator = getattr(self.train_loader, "generator", None)
+        if "loader_rng" in state and isinstance(generator, torch.Generator):
+            generator.set_state(state["loader_rng"])
+        if self.zo is not None:
+            if "oracle" in state:
+                self.zo.oracle.load_state_dict(state["oracle"])
+            if "estimator" in state and hasattr(self.zo.estimator, "load_state_dict"):
+                self.zo.estimator.load_state_dict(state["estimator"])
+
+    def save_checkpoint(self) -> Path:
+        if self.output_dir is None:
+            raise ConfigError("save_checkpoint needs an output_dir")
+        meta = {"epoch": self.epoch, "step": self.global_step, "method": self.method, "queries": self.queries}
+        return save_checkpoint(self.output_dir / "checkpoints", self.state_dict(), meta, tag=self.global_step)
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint in ``output_dir/checkpoints``; ``False`` if there is none."""
+        if self.output_dir is None:
+            raise ConfigError("resume needs an output_dir")
+        directory = self.output_dir / "checkpoints"
+        if latest_checkpoint(directory) is None:
+            return False
+        state, _meta = load_checkpoint(directory, map_location=self.device)
+        self.load_state_dict(state)
+        return True
+
+
+def _format_record(r: dict, epochs: int) -> str:
+    parts = [f"epoch {r['epoch']:>3}/{epochs}", f"train loss {r['train_loss']:.4f}", f"train acc {r['train_acc']:.3f}"]
+    if "test_acc" in r:
+        parts.append(f"test acc {r['test_acc']:.3f}")
+    parts += [f"queries {r['queries']:,}", f"{r['wall_s']:.1f}s"]
+    return "  ".join(parts)

@@ -1,0 +1,33 @@
+"""The wheel installs exactly the packages zoblackbox owns (no top-level ``adapters`` module)."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_top_level_names(tmp_path):
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("zoblackbox-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    dist_info = [t for t in top if t.endswith(".dist-info")]
+    assert top - set(dist_info) == {"zoblackbox"}, top
+    assert "zoblackbox/adapters/__init__.py" in names and "zoblackbox/adapters/torch_module.py" in names
+    assert "zoblackbox/schedule/__init__.py" in names
+    entry_points = zipfile.ZipFile(wheel).read(f"{dist_info[0]}/entry_points.txt").decode()
+    assert "zoblackbox = zoblackbox.cli:main" in entry_points
+
+
+def test_public_names_are_importable():
+    import zoblackbox
+
+    for name in zoblackbox.__all__:
+        assert getattr(zoblackbox, name) is not None, name
+    from zoblackbox.adapters import ModuleOracle  # noqa: F401
