@@ -1,5 +1,6 @@
 """The wheel installs exactly the packages zoblackbox owns (no top-level ``adapters`` module)."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,9 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_top_level_names(tmp_path):
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+    src = tmp_path / "src"  # build from a copy so the checkout gets no build/ or egg-info
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "zoblackbox", "adapters"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    out = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(src)],
                    check=True, capture_output=True, timeout=300)
-    (wheel,) = tmp_path.glob("zoblackbox-*.whl")
+    (wheel,) = out.glob("zoblackbox-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     dist_info = [t for t in top if t.endswith(".dist-info")]
