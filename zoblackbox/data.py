@@ -1,18 +1,21 @@
 """Datasets bundled or read from local files (nothing is ever downloaded).
 
 * :func:`load_digits_split` -- scikit-learn's bundled 8x8 digits (1,797 images), fixed split.
+* :func:`load_cifar10` -- CIFAR-10 in its standard python format from a local directory.
 """
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import ConfigError, MissingDependencyError
 
-__all__ = ["Split", "load_digits_split", "make_loader"]
+__all__ = ["Split", "load_digits_split", "load_cifar10", "make_loader"]
 
 
 @dataclass
@@ -62,3 +65,86 @@ def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: b
     g.manual_seed(seed)
     ds = torch.utils.data.TensorDataset(x, y)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last)
+
+
+# --------------------------------------------------------------------------- CIFAR-10 (local files)
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch"
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler for the CIFAR-10 python format that refuses every global except numpy's array
+    reconstruction (the batches hold only dicts, lists, bytes, ints and uint8 arrays)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # protocol-2 pickles store array bytes as latin-1 text
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch file")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with path.open("rb") as f:
+            batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise ConfigError(f"{path} is not a CIFAR-10 python batch file: {exc}") from exc
+    if not isinstance(batch, dict):
+        raise ConfigError(f"{path} is not a CIFAR-10 python batch file (top level is {type(batch).__name__})")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if data is None or labels is None:
+        raise ConfigError(f"{path} lacks the 'data' or 'labels' entry of a CIFAR-10 batch")
+    data = np.asarray(data, dtype=np.uint8)
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+        raise ConfigError(f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} and "
+                          f"{labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ConfigError(f"{path}: labels must lie in 0..9, got {labels.min()}..{labels.max()}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(path: str | Path, *, normalize: bool = True) -> Split:
+    """CIFAR-10 from a local directory in the standard python format (nothing is downloaded).
+
+    Args:
+        path: the ``cifar-10-batches-py`` directory (holding ``data_batch_1..5`` and
+            ``test_batch``) or its parent.
+        normalize: standardize channels with the usual CIFAR-10 mean/std (else scale to [0, 1]).
+
+    Raises:
+        ConfigError: the directory or a batch file is missing or malformed. Batch files are read
+            with an unpickler that accepts nothing but numpy arrays and plain containers.
+    """
+    root = Path(path).expanduser()
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    if not root.is_dir():
+        raise ConfigError(f"CIFAR-10 directory {root} does not exist; download the python version of CIFAR-10 "
+                          "yourself and pass the folder holding data_batch_1..5 and test_batch")
+    missing = [n for n in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE) if not (root / n).is_file()]
+    if missing:
+        raise ConfigError(f"CIFAR-10 directory {root} lacks {missing}")
+    parts = [_read_cifar_batch(root / n) for n in CIFAR10_TRAIN_FILES]
+    x_tr = np.concatenate([p[0] for p in parts])
+    y_tr = np.concatenate([p[1] for p in parts])
+    x_te, y_te = _read_cifar_batch(root / CIFAR10_TEST_FILE)
+
+    def prep(x):
+        t = torch.from_numpy(x.astype(np.float32) / 255.0)
+        if normalize:
+            mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+            std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+            t = (t - mean) / std
+        return t
+
+    desc = f"CIFAR-10 from {root}: {len(y_tr)} train / {len(y_te)} test images, 32x32x3, 10 classes"
+    return Split(prep(x_tr), torch.from_numpy(y_tr), prep(x_te), torch.from_numpy(y_te), 10, desc)
