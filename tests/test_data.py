@@ -30,10 +30,10 @@ def cifar_dir(tmp_path):
 
 
 def test_loads_standard_format_with_layout_and_normalization(cifar_dir):
-    parent, train, test = cifar_dir
+    parent, train, _ = cifar_dir
     split = load_cifar10(parent)  # the parent of cifar-10-batches-py works too
     assert split.x_train.shape == (20, 3, 32, 32) and split.x_test.shape == (3, 3, 32, 32)
-    assert split.y_train.tolist() == sum((labels for _, labels in train), [])
+    assert split.y_train.tolist() == [v for _, labels in train for v in labels]
     # pixel (channel 1, row 2, col 5) of the first image, CHW layout of the 3072 bytes
     raw = train[0][0][0, 1 * 1024 + 2 * 32 + 5]
     expected = (raw / 255.0 - CIFAR10_MEAN[1]) / CIFAR10_STD[1]

@@ -15,7 +15,7 @@ import torch
 
 from .errors import ConfigError, MissingDependencyError
 
-__all__ = ["Split", "load_digits_split", "load_cifar10", "make_loader"]
+__all__ = ["Split", "load_cifar10", "load_digits_split", "make_loader"]
 
 
 @dataclass
@@ -78,11 +78,11 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler for the CIFAR-10 python format that refuses every global except numpy's array
     reconstruction (the batches hold only dicts, lists, bytes, ints and uint8 arrays)."""
 
-    _ALLOWED = {
+    _ALLOWED = frozenset({
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("_codecs", "encode"),  # protocol-2 pickles store array bytes as latin-1 text
-    }
+    })
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:
