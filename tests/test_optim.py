@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoblackbox.adapters import ModuleOracle
 
 from zoblackbox import ConfigError, CoordinateEstimator, FunctionOracle, RandomEstimator, ZOGradient, minimize
+from zoblackbox.adapters import ModuleOracle
 
 
 def _quad_oracle(quadratic, **kw):

@@ -25,6 +25,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, ConfigError
 from .estimators import Estimator
 from .optim import ZOGradient, make_optimizer
+from .params import ParamLayout
+from .sparsity import SparseSchedule
 
 __all__ = ["Trainer", "warmup_cosine"]
 
@@ -71,6 +73,9 @@ class Trainer:
         progress: show tqdm progress bars.
         oracle_kwargs: extra arguments of the :class:`~zoblackbox.adapters.torch_module.ModuleOracle`
             (``on_failure``, ``chunk_size``, ...).
+        sparse: a :class:`~zoblackbox.sparsity.SparseSchedule`: each step estimates (ZO) or keeps
+            (FO, sparse-gradient reference) only the coordinates of the current mask, redrawn
+            every ``interval`` epochs or steps; the model stays dense.
     """
 
     def __init__(self, model: nn.Module, train_loader, test_loader=None, *, loss_fn: Callable = F.cross_entropy,
@@ -78,7 +83,8 @@ class Trainer:
                  optimizer_kwargs: dict | None = None, lr_schedule: str = "cosine", warmup_steps: int = 0,
                  epochs: int = 10, budget: int | None = None, bn_policy: str = "batch", scheduler=None,
                  device: str | torch.device = "cpu", output_dir: str | Path | None = None,
-                 checkpoint_every: int = 1, progress: bool = True, oracle_kwargs: dict | None = None):
+                 checkpoint_every: int = 1, progress: bool = True, oracle_kwargs: dict | None = None,
+                 sparse: SparseSchedule | None = None):
         if method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
         if lr_schedule not in LR_SCHEDULES:
@@ -107,14 +113,25 @@ class Trainer:
         factor = warmup_cosine(total, warmup_steps) if lr_schedule == "cosine" else (lambda step: 1.0)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.zo = None
+        self.layout = ParamLayout.from_tensors([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        self.sparse = sparse
+        if sparse is not None:
+            if not isinstance(sparse, SparseSchedule):
+                raise TypeError(f"sparse must be a SparseSchedule, got {type(sparse).__name__}")
+            if sparse.sampler.layout != self.layout:
+                raise ConfigError("the sparse sampler's layout does not match the model's trainable parameters")
+        self.coords: torch.Tensor | None = None
         if method == "zo":
             self.zo = ZOGradient(model, loss_fn, estimator=estimator, bn_policy=bn_policy, scheduler=scheduler,
                                  budget=budget, **(oracle_kwargs or {}))
-            self.step_cost = self.zo.estimator.num_queries(self.zo.oracle.dim)
+            n_coords = sparse.sampler.n_active if sparse is not None else None
+            self.step_cost = self.zo.estimator.num_queries(self.zo.oracle.dim, n_coords)
             if budget is not None and budget < self.step_cost:
                 raise ConfigError(f"budget={budget} is below the cost of one step ({self.step_cost} queries)")
         self.epoch = 0
         self.global_step = 0
+        self._epoch_start = True
+        self._mask_drawn_at = -1
         self.history: list[dict] = []
         self._wall_offset = 0.0
 
@@ -143,20 +160,58 @@ class Trainer:
         return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
 
     # ------------------------------------------------------------------ training
+    def _flat_params(self) -> torch.Tensor:
+        named = dict(self.model.named_parameters())
+        return self.layout.flatten({n: named[n] for n in self.layout.names})
+
+    def _set_flat_params(self, x: torch.Tensor) -> None:
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in self.layout.unflatten(x).items():
+                named[n].copy_(t)
+
+    def _maybe_redraw_mask(self) -> None:
+        sp = self.sparse
+        if sp is None:
+            return
+        counter = self.epoch if sp.unit == "epoch" else self.global_step
+        at_boundary = sp.unit == "step" or self._epoch_start
+        if self.coords is None or (at_boundary and counter % sp.interval == 0 and counter != self._mask_drawn_at):
+            self.coords = sp.sampler.sample(self._flat_params()).to(self.device)
+            self._mask_drawn_at = counter
+
     def _step(self, xb, yb) -> float:
+        self._maybe_redraw_mask()
         self.optimizer.zero_grad(set_to_none=True)
         if self.zo is not None:
-            loss = self.zo.backward(xb, yb)
+            loss = self.zo.backward(xb, yb, coords=self.coords)
             loss = math.nan if loss is None else loss
         else:
             out = self.model(xb.to(self.device))
             loss_t = self.loss_fn(out, yb.to(self.device))
             loss_t.backward()
             loss = float(loss_t.detach())
+            if self.coords is not None:
+                self._mask_grads()
+        before = self._flat_params() if self.sparse is not None and self.sparse.freeze_inactive else None
         self.optimizer.step()
+        if before is not None:
+            after = self._flat_params()
+            inactive = torch.ones_like(after, dtype=torch.bool)
+            inactive[self.coords] = False
+            after[inactive] = before[inactive]
+            self._set_flat_params(after)
         self.lr_schedule.step()
         self.global_step += 1
         return loss
+
+    def _mask_grads(self) -> None:
+        named = dict(self.model.named_parameters())
+        keep = torch.zeros(self.layout.dim, dtype=torch.bool, device=self.device)
+        keep[self.coords] = True
+        for n, m in self.layout.unflatten(keep).items():
+            if named[n].grad is not None:
+                named[n].grad.mul_(m.to(named[n].grad.dtype))
 
     def fit(self, resume: bool = False) -> dict:
         """Train for the configured epochs (continuing from the last checkpoint with ``resume``).
@@ -176,6 +231,7 @@ class Trainer:
         self.model.train()
         while self.epoch < self.epochs and stop_reason == "completed":
             losses = []
+            self._epoch_start = True
             bar = tqdm(self.train_loader, desc=f"{self.method.upper()} epoch {self.epoch + 1}/{self.epochs}",
                        disable=not self.progress, leave=False, dynamic_ncols=True)
             for xb, yb in bar:
@@ -183,6 +239,7 @@ class Trainer:
                     stop_reason = f"query budget reached ({self.queries} of {self.budget})"
                     break
                 losses.append(self._step(xb, yb))
+                self._epoch_start = False
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", queries=self.queries, refresh=False)
             bar.close()
             if stop_reason == "completed":
@@ -233,6 +290,9 @@ class Trainer:
         generator = getattr(self.train_loader, "generator", None)
         if isinstance(generator, torch.Generator):
             state["loader_rng"] = generator.get_state()
+        if self.sparse is not None:
+            state["sparse"] = {"sampler": self.sparse.sampler.state_dict(), "drawn_at": self._mask_drawn_at,
+                               "coords": self.coords.cpu() if self.coords is not None else torch.empty(0)}
         if self.zo is not None:
             state["oracle"] = self.zo.oracle.state_dict()
             if hasattr(self.zo.estimator, "state_dict"):
@@ -253,6 +313,11 @@ class Trainer:
         generator = getattr(self.train_loader, "generator", None)
         if "loader_rng" in state and isinstance(generator, torch.Generator):
             generator.set_state(state["loader_rng"])
+        if self.sparse is not None and "sparse" in state:
+            self.sparse.sampler.load_state_dict(state["sparse"]["sampler"])
+            self._mask_drawn_at = int(state["sparse"]["drawn_at"])
+            coords = state["sparse"]["coords"]
+            self.coords = coords.to(self.device) if coords.numel() else None
         if self.zo is not None:
             if "oracle" in state:
                 self.zo.oracle.load_state_dict(state["oracle"])
