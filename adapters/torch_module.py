@@ -118,6 +118,11 @@ class ModuleOracle(Oracle):
     def param_names(self) -> tuple[str, ...]:
         return self.layout.names
 
+    @property
+    def batch(self) -> tuple | None:
+        """The current ``(inputs, targets)``, or ``None`` before :meth:`set_batch`."""
+        return self._batch
+
     def set_batch(self, inputs, targets) -> None:
         """The data batch the loss is computed on (moved to the parameters' device)."""
         self._batch = (_to(inputs, self.device), _to(targets, self.device))

@@ -11,11 +11,16 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import ZOError
+from .errors import ConfigError, ZOError
+from .sparsity import check_sparsity
 
 __all__ = ["build_parser", "main"]
 
 DEMO_DEFAULTS = {"epochs": 12, "lr": 0.02, "batch_size": 128, "mu": 5e-3, "seed": 0}
+SCHEDULERS = ("reuse", "vectorized", "serial", "oracle")
+DEEPZERO_RECIPE = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 256,
+                   "mu": 5e-3, "sparsity": 0.9, "ratios": "zo-grasp", "mask_interval": 5, "warmup_epochs": 3,
+                   "epochs": 50}
 
 
 def _positive_int(text: str) -> int:
@@ -58,27 +63,70 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(demo, DEMO_DEFAULTS)
     demo.add_argument("--no-fo", action="store_true", help="skip the first-order comparison")
     demo.add_argument("--out", type=Path, default=None, help="directory for metrics.jsonl and checkpoints")
+    demo.add_argument("--scheduler", choices=SCHEDULERS, default="reuse",
+                      help="how queries are evaluated (reuse = feature reuse, the fastest)")
 
     train = sub.add_parser("train", help="train a model with ZO (or FO) gradients")
-    train.add_argument("--task", choices=["digits"], default="digits", help="dataset")
-    train.add_argument("--model", choices=["cnn", "mlp"], default="cnn", help="model architecture")
+    train.add_argument("--task", choices=["digits", "cifar10"], default="digits", help="dataset")
+    train.add_argument("--data", type=Path, default=None,
+                       help="CIFAR-10 directory in the standard python format (never downloaded)")
+    train.add_argument("--model", choices=["cnn", "mlp", "resnet20"], default=None,
+                       help="architecture (default: cnn for digits, resnet20 for cifar10)")
+    train.add_argument("--recipe", choices=["deepzero"], default=None,
+                       help="DeepZero's CIFAR-10 recipe: SGD lr 0.1, momentum 0.9, wd 5e-4, cosine with 3 warm-up "
+                            "epochs, batch 256, mu 5e-3, sparsity 0.9 with ZO-GraSP ratios, masks redrawn every 5 "
+                            "epochs, 50 epochs (explicit options override it)")
     train.add_argument("--method", choices=["zo", "fo"], default="zo", help="zeroth-order or autograd")
     train.add_argument("--estimator", choices=["cge", "rge"], default="cge", help="gradient estimator")
     train.add_argument("--scheme", choices=["forward", "central"], default="forward", help="CGE differences")
     train.add_argument("--q", type=_positive_int, default=20, help="RGE directions per step")
     train.add_argument("--directions", choices=["gaussian", "sphere", "rademacher"], default="gaussian")
     train.add_argument("--antithetic", action="store_true", help="RGE antithetic pairs")
-    train.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "signsgd"], default="adam")
-    train.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
-    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "signsgd"], default=None,
+                       help="update rule (default adam)")
+    train.add_argument("--momentum", type=float, default=None, help="SGD momentum")
+    train.add_argument("--weight-decay", type=float, default=None)
     train.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
-    train.add_argument("--warmup-steps", type=int, default=0)
+    train.add_argument("--warmup-epochs", type=float, default=None, help="linear LR warm-up length in epochs")
     train.add_argument("--budget", type=_positive_int, default=None, help="maximum ZO queries")
     train.add_argument("--bn-policy", choices=["batch", "eval"], default="batch")
+    train.add_argument("--sparsity", type=float, default=None,
+                       help="fraction of each step's coordinates left out (0 <= s < 1); the model stays dense")
+    train.add_argument("--ratios", default=None,
+                       help="layer-wise pruning ratios: zo-grasp (default), uniform, or a JSON file {layer: ratio}")
+    train.add_argument("--mask-interval", type=_positive_int, default=None,
+                       help="redraw the coordinate mask every K epochs (default 5)")
+    train.add_argument("--freeze-inactive", action="store_true",
+                       help="keep momentum and weight decay off the coordinates outside the mask")
+    train.add_argument("--scheduler", choices=SCHEDULERS, default="reuse",
+                       help="how queries are evaluated (reuse = feature reuse, the fastest for torch models)")
     train.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    _add_training_args(train, DEMO_DEFAULTS)
+    _add_training_args(train, {k: None for k in DEMO_DEFAULTS})
     return parser
+
+
+TRAIN_DEFAULTS = {**DEMO_DEFAULTS, "optimizer": "adam", "momentum": 0.0, "weight_decay": 0.0, "warmup_epochs": 0.0,
+                  "sparsity": None, "ratios": "zo-grasp", "mask_interval": 5}
+
+
+def resolve_train_args(args) -> argparse.Namespace:
+    """Fill unset options: explicit value > ``--recipe`` > the defaults."""
+    recipe = DEEPZERO_RECIPE if args.recipe == "deepzero" else {}
+    for key, default in TRAIN_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, recipe.get(key, default))
+    if args.model is None:
+        args.model = "resnet20" if args.task == "cifar10" else "cnn"
+    if args.task == "cifar10" and args.model != "resnet20":
+        raise ConfigError(f"--task cifar10 supports --model resnet20, got {args.model!r}")
+    if args.task == "cifar10" and args.data is None:
+        raise ConfigError("--task cifar10 needs --data PATH (the cifar-10-batches-py directory; never downloaded)")
+    if args.momentum and args.optimizer != "sgd":
+        raise ConfigError(f"--momentum applies to --optimizer sgd, not {args.optimizer!r}")
+    if args.sparsity is not None:
+        check_sparsity(args.sparsity)
+    return args
 
 
 def _estimator(args):
@@ -90,21 +138,86 @@ def _estimator(args):
     return CoordinateEstimator(mu=args.mu, scheme=getattr(args, "scheme", "forward"))
 
 
+def make_scheduler(name: str):
+    """A query scheduler by CLI name (``oracle``: the oracle's own chunked evaluation)."""
+    from . import schedule
+
+    return {"reuse": schedule.FeatureReuseScheduler, "vectorized": schedule.VectorizedScheduler,
+            "serial": schedule.SerialScheduler, "oracle": lambda: None}[name]()
+
+
+def _load_task(task: str, data: Path | None):
+    from .data import load_cifar10, load_digits_split
+
+    return load_cifar10(data) if task == "cifar10" else load_digits_split(seed=0)
+
+
+def _make_model(name: str, split):
+    from .models import MODELS
+    from .resnet import resnet20
+
+    if name == "resnet20":
+        return resnet20(num_classes=split.num_classes, in_channels=split.x_train.shape[1])
+    if split.x_train.shape[1:] != (1, 8, 8):
+        raise ConfigError(f"--model {name} is built for 8x8 digits, not images of shape {tuple(split.x_train.shape[1:])}")
+    return MODELS[name]()
+
+
+def _sparse_schedule(args, model, split):
+    """ZO-GraSP (on 25 images per class), uniform or file ratios -> a SparseSchedule."""
+    import torch.nn.functional as F
+
+    from .params import ParamLayout
+    from .sparsity import CoordinateSampler, PruningRatios, SparseSchedule, uniform_ratios, zo_grasp
+
+    layout = ParamLayout.from_tensors([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    if args.ratios == "uniform":
+        ratios = uniform_ratios(layout, args.sparsity)
+    elif args.ratios == "zo-grasp":
+        from .adapters.torch_module import ModuleOracle
+
+        idx = balanced_indices(split.y_train, per_class=25, seed=args.seed)
+        oracle = ModuleOracle(model, F.cross_entropy, batch=(split.x_train[idx], split.y_train[idx]))
+        ratios = zo_grasp(oracle, oracle.get_params(), layout, args.sparsity, seed=args.seed,
+                          scheduler=make_scheduler("vectorized"))
+    else:
+        ratios = PruningRatios.from_json(args.ratios, layout)
+    print(ratios)
+    sampler = CoordinateSampler(layout, ratios, seed=args.seed)
+    print(f"sparse CGE: {sampler.n_active:,} of {layout.dim:,} coordinates per step, mask redrawn every "
+          f"{args.mask_interval} epochs")
+    return SparseSchedule(sampler, interval=args.mask_interval, unit="epoch", freeze_inactive=args.freeze_inactive)
+
+
+def balanced_indices(labels: torch.Tensor, per_class: int, seed: int = 0) -> torch.Tensor:
+    """``per_class`` random indices of every class (fewer where a class is smaller)."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for c in torch.unique(labels):
+        idx = (labels == c).nonzero().flatten()
+        parts.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return torch.cat(parts)
+
+
 def _run_training(args, method: str, *, optimizer="adam", optimizer_kwargs=None, output_dir=None,
-                  model_name="cnn", budget=None, resume=False, extra=None) -> dict:
-    from .data import load_digits_split, make_loader
-    from .models import MODELS, count_params
+                  model_name="cnn", budget=None, resume=False, task="digits", data=None, scheduler="reuse",
+                  sparse=False, warmup_epochs=0.0, extra=None) -> dict:
+    from .data import make_loader
+    from .models import count_params
     from .train import Trainer
 
-    split = load_digits_split(seed=0)
+    split = _load_task(task, data)
     torch.manual_seed(args.seed)
-    model = MODELS[model_name]()
+    model = _make_model(model_name, split)
     train_loader = make_loader(split.x_train, split.y_train, args.batch_size, shuffle=True, seed=args.seed)
     test_loader = make_loader(split.x_test, split.y_test, 512, shuffle=False)
+    schedule = _sparse_schedule(args, model, split) if sparse else None
     trainer = Trainer(model, train_loader, test_loader, method=method,
                       estimator=_estimator(args) if method == "zo" else None, optimizer=optimizer, lr=args.lr,
                       optimizer_kwargs=optimizer_kwargs, epochs=args.epochs, budget=budget, device=args.device,
-                      output_dir=output_dir, progress=not args.no_progress, **(extra or {}))
+                      output_dir=output_dir, progress=not args.no_progress, sparse=schedule,
+                      scheduler=make_scheduler(scheduler) if method == "zo" else None,
+                      warmup_steps=round(warmup_epochs * len(train_loader)), **(extra or {}))
     result = trainer.fit(resume=resume)
     result["params"] = count_params(model)
     result["split"] = str(split)
@@ -119,9 +232,10 @@ def cmd_demo(args) -> int:
     print(f"zoblackbox {__version__} demo: zeroth-order training of a CNN on scikit-learn's digits")
     print(f"data : {split}")
     print(f"model: digits_cnn, {count_params(digits_cnn()):,} parameters; CGE forward differences, mu={args.mu}; "
-          f"Adam lr={args.lr}, cosine; batch {args.batch_size}; {args.epochs} epochs; seed {args.seed}")
+          f"Adam lr={args.lr}, cosine; batch {args.batch_size}; {args.epochs} epochs; seed {args.seed}; "
+          f"queries evaluated by the {args.scheduler} scheduler")
     print("\n[1/2] ZO training (coordinate-wise gradient estimation, the model queried as a black box)")
-    zo = _run_training(args, "zo", output_dir=args.out)
+    zo = _run_training(args, "zo", output_dir=args.out, scheduler=args.scheduler)
     fo = None
     if not args.no_fo:
         print("\n[2/2] first-order reference (autograd), same model, data order and schedule")
@@ -133,24 +247,25 @@ def cmd_demo(args) -> int:
         print(f"  {'first-order (autograd)':<26}{fo['test_acc']:>10.4f}{'-':>14}{fo['wall_s']:>9.1f}s")
     summary = {"test_acc": zo["test_acc"], "fo_test_acc": fo["test_acc"] if fo else None, "queries": zo["queries"],
                "wall_s": zo["wall_s"], "params": zo["params"], "epochs": zo["epochs"], "steps": zo["steps"],
-               "split": zo["split"], "lr": args.lr, "batch_size": args.batch_size, "mu": args.mu, "seed": args.seed}
+               "split": zo["split"], "lr": args.lr, "batch_size": args.batch_size, "mu": args.mu, "seed": args.seed,
+               "scheduler": args.scheduler}
     _write_json(args.json, summary)
     return 0
 
 
 def cmd_train(args) -> int:
+    args = resolve_train_args(args)
     opt_kwargs = {}
     if args.momentum:
-        if args.optimizer != "sgd":
-            raise SystemExit(f"--momentum applies to --optimizer sgd, not {args.optimizer}")
         opt_kwargs["momentum"] = args.momentum
     if args.weight_decay:
         opt_kwargs["weight_decay"] = args.weight_decay
     t0 = time.perf_counter()
     result = _run_training(args, args.method, optimizer=args.optimizer, optimizer_kwargs=opt_kwargs,
                            output_dir=args.out, model_name=args.model, budget=args.budget, resume=args.resume,
-                           extra={"lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps,
-                                  "bn_policy": args.bn_policy})
+                           task=args.task, data=args.data, scheduler=args.scheduler,
+                           sparse=args.sparsity is not None and args.sparsity > 0, warmup_epochs=args.warmup_epochs,
+                           extra={"lr_schedule": args.lr_schedule, "bn_policy": args.bn_policy})
     print(f"test acc {result['test_acc']:.4f}  queries {result['queries']:,}  steps {result['steps']}  "
           f"wall {time.perf_counter() - t0:.1f}s  ({result['stop_reason']}); metrics in {args.out / 'metrics.jsonl'}")
     summary = {k: v for k, v in result.items() if k != "history"}

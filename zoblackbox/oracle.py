@@ -263,10 +263,13 @@ class Oracle:
                 nan = torch.full((X.shape[0],), math.nan, dtype=torch.float64)
                 return RawResult(nan, {i: exc for i in range(X.shape[0])})
 
-    def record(self, raw: RawResult, point: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    def record(self, raw: RawResult, point: Callable[[int], torch.Tensor],
+               evaluate: Callable[[torch.Tensor], RawResult] | None = None) -> torch.Tensor:
         """Count the batch's queries and apply the failure policy; returns the final losses.
 
-        ``point(i)`` rebuilds the i-th query point (used for retries only).
+        ``point(i)`` rebuilds the i-th query point (used for retries only); ``evaluate(X)`` runs a
+        retry (default :meth:`raw_evaluate` in this process; sharding schedulers pass one that runs
+        in a worker under the per-query timeout).
         """
         values = raw.values.clone()
         first = self.nfev
@@ -274,14 +277,15 @@ class Oracle:
         nonfinite = (~torch.isfinite(values)).nonzero().flatten().tolist()
         bad = sorted(set(raw.errors) | set(nonfinite))
         for i in bad:
-            values[i] = self._settle(first + i, i, float(values[i]), raw.errors.get(i), point)
+            values[i] = self._settle(first + i, i, float(values[i]), raw.errors.get(i), point,
+                                     evaluate or self.raw_evaluate)
         return values
 
     # ------------------------------------------------------------------ failures
-    def _settle(self, index: int, i: int, value: float, exc: BaseException | None, point) -> float:
+    def _settle(self, index: int, i: int, value: float, exc: BaseException | None, point, evaluate) -> float:
         failure = _describe(index, value, exc)
         while failure.attempts <= self.policy.retries and self.remaining >= 1:
-            retry = self.raw_evaluate(point(i)[None])
+            retry = evaluate(point(i)[None])
             self.nfev += 1
             failure.attempts += 1
             v = float(retry.values[0])
