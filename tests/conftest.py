@@ -3,6 +3,11 @@
 import pytest
 import torch
 
+# One intra-op thread: the suite's timings stay stable when the machine is shared (two OpenMP
+# threads competing with another process for two cores measured 10-60x slower here), and worker
+# processes of the pool/Dask tests do not oversubscribe the cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
