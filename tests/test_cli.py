@@ -1,6 +1,7 @@
 """The ``zoblackbox`` command line (run in-process and as the installed console script)."""
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,54 @@ def test_console_script_is_installed():
     assert exe.exists(), exe
     out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.startswith("zoblackbox ")
+
+
+def test_sparse_training_from_the_cli(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--epochs", "2", "--batch-size", "512", "--sparsity", "0.9", "--ratios",
+            "uniform", "--mask-interval", "1", "--out", str(out), "--no-progress", "--json", str(tmp_path / "s.json")]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    # mlp: weights 64x32 and 32x10 keep 10% (205 + 32), biases (32 + 10) stay dense -> 279 coords
+    assert summary["queries"] == 2 * 3 * (279 + 1)
+    assert "uniform ratios (sparsity 0.90)" in capsys.readouterr().out
+
+
+def test_ratio_file_that_does_not_match_the_model_is_refused(tmp_path, capsys):
+    bad = tmp_path / "ratios.json"
+    bad.write_text(json.dumps({"conv1.weight": 0.5}))
+    rc = main(["train", "--model", "mlp", "--sparsity", "0.5", "--ratios", str(bad), "--out", str(tmp_path / "r"),
+               "--no-progress"])
+    assert rc == 2
+    assert "do not match the model's layers" in capsys.readouterr().err
+    assert main(["train", "--sparsity", "1.0", "--no-progress", "--out", str(tmp_path / "r")]) == 2
+    assert "sparsity must be a number in [0, 1), got 1.0" in capsys.readouterr().err
+
+
+def test_cifar10_task_needs_local_data(tmp_path, capsys):
+    assert main(["train", "--task", "cifar10", "--no-progress", "--out", str(tmp_path / "r")]) == 2
+    assert "needs --data PATH" in capsys.readouterr().err
+    assert main(["train", "--task", "cifar10", "--data", str(tmp_path / "none"), "--no-progress",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cifar10_resnet20_recipe_runs_on_generated_files(tmp_path):
+    """The DeepZero recipe end to end (ZO-GraSP ratios, sparse CGE, SGD + cosine) on tiny
+    generated CIFAR-format files: 1 epoch, 1 step, sparsity raised to 0.995 to keep it short."""
+    import numpy as np
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [*((f"data_batch_{i}", 4) for i in range(1, 6)), ("test_batch", 4)]:
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b"labels": [int(v) for v in rng.integers(0, 10, n)]}, f, protocol=2)
+    rc = main(["train", "--task", "cifar10", "--data", str(tmp_path), "--recipe", "deepzero", "--epochs", "1",
+               "--sparsity", "0.995", "--out", str(tmp_path / "run"), "--no-progress",
+               "--json", str(tmp_path / "s.json")])
+    assert rc == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["params"] == 269722 and summary["steps"] == 1
+    assert 0 < summary["queries"] < 269722 / 20  # sparse: a small fraction of the 269,722 coordinates
