@@ -183,3 +183,20 @@ def test_module_oracle_bad_input():
     oracle = ModuleOracle(net, F.cross_entropy)
     with pytest.raises(ConfigError, match="no data batch"):
         oracle.evaluate(oracle.get_params()[None])
+
+
+def test_auto_estimator_picks_cge_when_affordable_and_rge_under_tight_budgets():
+    from zoblackbox.optim import auto_estimator
+
+    assert isinstance(auto_estimator(10, 50), CoordinateEstimator)  # small d: CGE is as cheap as RGE
+    assert isinstance(auto_estimator(1000, None), CoordinateEstimator)
+    assert isinstance(auto_estimator(1000, 100 * 1001), CoordinateEstimator)
+    rge = auto_estimator(1700, 30_000)  # the digits-CNN case: 17 CGE steps vs 1,428 RGE steps
+    assert isinstance(rge, RandomEstimator) and rge.q == 20
+
+
+def test_minimize_auto_default_under_a_tight_budget_uses_rge():
+    oracle = FunctionOracle(lambda x: float((x ** 2).sum()), dim=200, dtype=torch.float64)
+    res = minimize(oracle, np.ones(200), lr=0.05, budget=2_100)
+    assert res.nit == 99 and res.nfev == 99 * 21 + 1  # q=20 RGE steps, then the final evaluation
+    assert res.fun < 200
