@@ -56,7 +56,7 @@ from scipy.stats import spearmanr
 
 from zoblackbox import CoordinateEstimator
 from zoblackbox.adapters import ModuleOracle
-from zoblackbox.cli import balanced_indices
+from zoblackbox.cli import balanced_indices, positive_float, positive_int
 from zoblackbox.data import Split, load_digits_split, make_loader
 from zoblackbox.models import count_params, digits_cnn
 from zoblackbox.params import ParamLayout
@@ -91,53 +91,35 @@ def _sparsity(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed instead of 5 (about two minutes)")
-    ap.add_argument("--seeds", type=_positive_int, default=None,
+    ap.add_argument("--seeds", type=positive_int, default=None,
                     help="number of seeds: model init, data order, masks, ZO-GraSP directions (default 5, quick 1)")
     ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
-    ap.add_argument("--epochs", type=_positive_int, default=40, help="training epochs (default 40)")
+    ap.add_argument("--epochs", type=positive_int, default=40, help="training epochs (default 40)")
     ap.add_argument("--sparsities", type=_sparsity, nargs="+", default=[0.8, 0.9, 0.91, 0.95, 0.99],
                     help="weight sparsities (default 0.8 0.9 0.91 0.95 0.99; 0.91 is the smallest of these "
                          "with >= 9x fewer queries than dense CGE, biases being dense)")
     ap.add_argument("--validation", action="store_true",
                     help="train on 75%% of the training split and evaluate on the other 25%% (stratified, "
                          "random_state 1) instead of the test split: for choosing a configuration")
-    ap.add_argument("--lr", type=_positive_float, default=0.02, help="peak Adam learning rate (cosine decay)")
-    ap.add_argument("--batch-size", type=_positive_int, default=128)
-    ap.add_argument("--mu", type=_positive_float, default=5e-3, help="CGE finite-difference step")
-    ap.add_argument("--mask-interval", type=_positive_int, default=1,
+    ap.add_argument("--lr", type=positive_float, default=0.02, help="peak Adam learning rate (cosine decay)")
+    ap.add_argument("--batch-size", type=positive_int, default=128)
+    ap.add_argument("--mu", type=positive_float, default=5e-3, help="CGE finite-difference step")
+    ap.add_argument("--mask-interval", type=positive_int, default=1,
                     help="redraw the masks every K epochs (default 1; DeepZero uses 5 over ~50 epochs)")
     ap.add_argument("--mask-unit", choices=["epoch", "step"], default="epoch",
                     help="unit of --mask-interval (default epoch)")
     ap.add_argument("--freeze-inactive", action="store_true",
                     help="leave the coordinates outside the mask unchanged by each optimizer step (default: they "
                          "get a zero gradient and Adam's momentum still moves them)")
-    ap.add_argument("--grasp-q", type=_positive_int, default=192, help="RGE directions of ZO-GraSP")
-    ap.add_argument("--grasp-per-class", type=_positive_int, default=25, help="ZO-GraSP images per class")
+    ap.add_argument("--grasp-q", type=positive_int, default=192, help="RGE directions of ZO-GraSP")
+    ap.add_argument("--grasp-per-class", type=positive_int, default=25, help="ZO-GraSP images per class")
     ap.add_argument("--spearman-seed", type=int, default=0, help="seed whose Spearman is ratio_spearman_zo_vs_fo")
-    ap.add_argument("--threads", type=_positive_int, default=1,
+    ap.add_argument("--threads", type=positive_int, default=1,
                     help="torch threads (default 1: the small per-query work does not gain from more, and "
                          "oversubscribed threads on a shared machine are far slower)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")

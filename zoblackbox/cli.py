@@ -23,7 +23,7 @@ DEEPZERO_RECIPE = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay
                    "epochs": 50}
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -33,7 +33,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -44,15 +44,15 @@ def _positive_float(text: str) -> float:
 
 
 def _add_training_args(p: argparse.ArgumentParser, defaults: dict) -> None:
-    p.add_argument("--epochs", type=_positive_int, default=defaults["epochs"], help="training epochs")
-    p.add_argument("--lr", type=_positive_float, default=defaults["lr"], help="peak learning rate")
-    p.add_argument("--batch-size", type=_positive_int, default=defaults["batch_size"], help="mini-batch size")
-    p.add_argument("--mu", type=_positive_float, default=defaults["mu"], help="finite-difference step")
+    p.add_argument("--epochs", type=positive_int, default=defaults["epochs"], help="training epochs")
+    p.add_argument("--lr", type=positive_float, default=defaults["lr"], help="peak learning rate")
+    p.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"], help="mini-batch size")
+    p.add_argument("--mu", type=positive_float, default=defaults["mu"], help="finite-difference step")
     p.add_argument("--seed", type=int, default=defaults["seed"], help="seed of model init, data order, estimator")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--threads", type=_positive_int, default=defaults.get("threads"),
+    p.add_argument("--threads", type=positive_int, default=defaults.get("threads"),
                    help="torch intra-op threads (default: the demo uses 1 -- its kernels are small, and one thread "
                         "measured 4.8x faster than two on a 2-core machine with another busy process; train "
                         "uses torch's default)")
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", choices=["zo", "fo"], default="zo", help="zeroth-order or autograd")
     train.add_argument("--estimator", choices=["cge", "rge"], default="cge", help="gradient estimator")
     train.add_argument("--scheme", choices=["forward", "central"], default="forward", help="CGE differences")
-    train.add_argument("--q", type=_positive_int, default=20, help="RGE directions per step")
+    train.add_argument("--q", type=positive_int, default=20, help="RGE directions per step")
     train.add_argument("--directions", choices=["gaussian", "sphere", "rademacher"], default="gaussian")
     train.add_argument("--antithetic", action="store_true", help="RGE antithetic pairs")
     train.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "signsgd"], default=None,
@@ -92,13 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=None)
     train.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
     train.add_argument("--warmup-epochs", type=float, default=None, help="linear LR warm-up length in epochs")
-    train.add_argument("--budget", type=_positive_int, default=None, help="maximum ZO queries")
+    train.add_argument("--budget", type=positive_int, default=None, help="maximum ZO queries")
     train.add_argument("--bn-policy", choices=["batch", "eval"], default="batch")
     train.add_argument("--sparsity", type=float, default=None,
                        help="fraction of each step's coordinates left out (0 <= s < 1); the model stays dense")
     train.add_argument("--ratios", default=None,
                        help="layer-wise pruning ratios: zo-grasp (default), uniform, or a JSON file {layer: ratio}")
-    train.add_argument("--mask-interval", type=_positive_int, default=None,
+    train.add_argument("--mask-interval", type=positive_int, default=None,
                        help="redraw the coordinate mask every K epochs (default 5)")
     train.add_argument("--freeze-inactive", action="store_true",
                        help="keep momentum and weight decay off the coordinates outside the mask")
