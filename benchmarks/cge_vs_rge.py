@@ -16,7 +16,7 @@ batch 128, 6 epochs, same initialization and shuffles per seed -- by
 
 FO and CGE run for every seed of ``--seeds``; RGE at ``q = d`` costs ``d`` full forwards per step
 plus ``O(d^2)`` work to draw and combine the directions, so it runs for ``--rge-seeds`` only and
-only up to ``--rge-max-params`` parameters (the 10k-parameter RGE run alone takes ~10 minutes
+only up to ``--rge-max-params`` parameters (the 10k-parameter RGE run alone takes ~8 minutes
 here). Paper, Figure 2 (CIFAR-10): CGE within ~1 point of FO, RGE 4-10 points below FO.
 **Target: CGE within 1 point (0.01 accuracy) of FO at every size** (mean over seeds).
 
@@ -38,8 +38,8 @@ and the RGE step counts is reported as a reference. A budget sweep (``--sweep``)
 at several budgets to locate the crossover. Reported: test accuracy, steps, queries, wall time.
 Wall times are single runs on a shared 2-core machine (noisy; the 1-minute load is recorded).
 
-Run:  python benchmarks/cge_vs_rge.py            (about 14 minutes on 2 shared cores, 1 torch thread)
-      python benchmarks/cge_vs_rge.py --quick    (about 2 minutes: 2 sizes, 1 seed, 10k budget, no sweep)
+Run:  python benchmarks/cge_vs_rge.py            (about 12 minutes on 2 shared cores, 1 torch thread)
+      python benchmarks/cge_vs_rge.py --quick    (about 90 s: 2 sizes, 1 seed, 10k budget, no sweep)
       python benchmarks/cge_vs_rge.py --tune     (adds the step-size grid of view 2, ~8 more minutes)
 Writes benchmarks/results/cge_vs_rge.json and cge_vs_rge.png (``--out-dir``/``--name`` to change).
 """
@@ -74,7 +74,7 @@ QUICK_SIZES = "2x4:16,4x8:32"
 # view 2
 EB_CHANNELS, EB_HIDDEN, EB_BATCH, RGE_Q = (4, 8), 32, 512, 20
 # step sizes of view 2, chosen by validation accuracy over TUNE_GRID at a 30k budget (seed 0)
-EB_HPARAMS = {"cge_adam": 0.03, "rge_adam": 3e-3, "sep_cma_es": 0.1, "ngopt": 0.3}
+EB_HPARAMS = {"cge_adam": 0.03, "rge_adam": 3e-3, "sep_cma_es": 0.1, "ngopt": 0.03}
 TUNE_GRID = {"cge_adam": [0.01, 0.03, 0.1], "rge_adam": [1e-3, 3e-3, 1e-2],
              "sep_cma_es": [0.01, 0.03, 0.1, 0.3], "ngopt": [0.03, 0.1, 0.3]}
 HPARAM_NAME = {"cge_adam": "lr", "rge_adam": "lr", "sep_cma_es": "sigma0", "ngopt": "sigma"}
@@ -365,11 +365,32 @@ def view_equal_budget(args, data: dict) -> dict:
 def plot(result: dict, name: str, out_dir: Path) -> Path:
     rows, eb = result["rows"], result["equal_budget"]
     has_sweep = bool(eb and eb["sweep"])
-    ncols = 1 + bool(eb) + has_sweep
+    ncols = bool(rows) + bool(eb) + has_sweep
+    if ncols == 0:
+        raise SystemExit("nothing to plot")
     fig, axes = new_figure(ncols=ncols, width=5.2, height=4.2)
     axes = list(np.atleast_1d(axes))
-    ax = axes[0]
-    styles = {"fo": ("first order", "#333333", "o"), "cge": ("CGE", "#4c72b0", "s"), "rge": ("RGE (q = d)", "#c44e52", "^")}
+    if rows:
+        plot_rows(axes.pop(0), result)
+    if eb:
+        plot_equal_budget(axes.pop(0), eb)
+    if has_sweep:
+        plot_sweep(axes.pop(0), eb)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_rows(ax, result: dict) -> None:
+    rows = result["rows"]
+    n_seeds, rge_seeds = len(result["seeds"]), ", ".join(str(s) for s in result["rge_seeds"])
+    styles = {"fo": (f"first order ({n_seeds} seeds)", "#333333", "o"), "cge": (f"CGE ({n_seeds} seeds)", "#4c72b0", "s"),
+              "rge": (f"RGE, q = d (seed {rge_seeds})", "#c44e52", "^")}
     for m, (label, color, marker) in styles.items():
         pts = [(r["params"], r[f"{m}_acc"], r["per_seed"][m]["test_acc"]) for r in rows if r[f"{m}_acc"] is not None]
         if not pts:
@@ -388,52 +409,46 @@ def plot(result: dict, name: str, out_dir: Path) -> Path:
                  f"mean over seeds, bars = min..max", fontsize=10)
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
-    if eb:
-        ax = axes[1]
-        names = [m for m in ("cge_adam", "rge_adam", "sep_cma_es", "ngopt") if "acc" in eb["methods"][m]]
-        vals = [100 * eb["methods"][m]["acc"] for m in names]
-        labels = [f"{LABELS[m].replace(' + ', chr(10) + '+ ').replace(' (', chr(10) + '(')}\n"
-                  f"{eb['methods'][m]['steps']:,} {'gens' if m == 'sep_cma_es' else 'steps'}\n"
-                  f"{eb['methods'][m]['wall_s']:.1f} s" for m in names]
-        bars = ax.bar(range(len(names)), vals, color=["#4c72b0", "#c44e52", "#55a868", "#8172b2"][:len(names)])
-        for bar, v in zip(bars, vals):
-            ax.annotate(f"{v:.1f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                        va="bottom", fontsize=9)
-        for ref, style in (("fo_adam_cge_steps", ":"), ("fo_adam_rge_steps", "--")):
-            r = eb["references"][ref]
-            ax.axhline(100 * r["acc"], color="#777777", ls=style, lw=1,
-                       label=f"FO Adam, {r['steps']} steps: {100 * r['acc']:.1f}%")
-        ax.set_xticks(range(len(names)), labels, fontsize=7)
-        ax.set_ylim(0, 100)
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"Equal budget: {eb['budget']:,} queries, {eb['params']:,}-param CNN,\n"
-                     f"full batch of {eb['batch_images']} images", fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
-    if has_sweep:
-        ax = axes[2]
-        for key, label, color, marker in (("cge", "CGE + Adam", "#4c72b0", "s"),
-                                          ("rge", f"RGE (q={RGE_Q}) + Adam", "#c44e52", "^")):
-            pts = [(p["budget"], 100 * p[f"{key}_acc"]) for p in eb["sweep"] if f"{key}_acc" in p]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label)
-        for m, color, marker in (("sep_cma_es", "#55a868", "D"), ("ngopt", "#8172b2", "P")):
-            if "acc" in eb["methods"][m]:
-                ax.scatter([eb["budget"]], [100 * eb["methods"][m]["acc"]], color=color, marker=marker,
-                           label=LABELS[m], zorder=3)
-        ax.set_xscale("log")
-        ax.set_xlabel("total queries")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"Budget sweep ({eb['params']:,} params: one CGE step = {eb['params'] + 1:,} queries)",
-                     fontsize=10)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    import matplotlib.pyplot as plt
 
-    plt.close(fig)
-    return path
+
+def plot_equal_budget(ax, eb: dict) -> None:
+    names = [m for m in ("cge_adam", "rge_adam", "sep_cma_es", "ngopt") if "acc" in eb["methods"][m]]
+    vals = [100 * eb["methods"][m]["acc"] for m in names]
+    labels = [f"{LABELS[m].replace(' + ', chr(10) + '+ ').replace(' (', chr(10) + '(')}\n"
+              f"{eb['methods'][m]['steps']:,} {'gens' if m == 'sep_cma_es' else 'steps'}\n"
+              f"{eb['methods'][m]['wall_s']:.1f} s" for m in names]
+    bars = ax.bar(range(len(names)), vals, color=["#4c72b0", "#c44e52", "#55a868", "#8172b2"][:len(names)])
+    for bar, v in zip(bars, vals):
+        ax.annotate(f"{v:.1f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                    va="bottom", fontsize=9)
+    for ref, style in (("fo_adam_cge_steps", ":"), ("fo_adam_rge_steps", "--")):
+        r = eb["references"][ref]
+        ax.axhline(100 * r["acc"], color="#777777", ls=style, lw=1,
+                   label=f"FO Adam, {r['steps']} steps: {100 * r['acc']:.1f}%")
+    ax.set_xticks(range(len(names)), labels, fontsize=7)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Equal budget: {eb['budget']:,} queries, {eb['params']:,}-param CNN,\n"
+                 f"full batch of {eb['batch_images']} images", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def plot_sweep(ax, eb: dict) -> None:
+    for key, label, color, marker in (("cge", "CGE + Adam", "#4c72b0", "s"),
+                                      ("rge", f"RGE (q={RGE_Q}) + Adam", "#c44e52", "^")):
+        pts = [(p["budget"], 100 * p[f"{key}_acc"]) for p in eb["sweep"] if f"{key}_acc" in p]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label)
+    for m, color, marker in (("sep_cma_es", "#55a868", "D"), ("ngopt", "#8172b2", "P")):
+        if "acc" in eb["methods"][m]:
+            ax.scatter([eb["budget"]], [100 * eb["methods"][m]["acc"]], color=color, marker=marker,
+                       label=LABELS[m], zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("total queries")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Budget sweep ({eb['params']:,} params: one CGE step = {eb['params'] + 1:,} queries)",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 # --------------------------------------------------------------------------- main
