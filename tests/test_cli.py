@@ -67,6 +67,9 @@ def test_sparse_training_from_the_cli(tmp_path, capsys):
     # mlp: weights 64x32 and 32x10 keep 10% (205 + 32), biases (32 + 10) stay dense -> 279 coords
     assert summary["queries"] == 2 * 3 * (279 + 1)
     assert "uniform ratios (sparsity 0.90)" in capsys.readouterr().out
+    # --sparse-biases: the biases keep 10% too (3 of 32, 1 of 10) -> 241 coords
+    assert main([*args[:-5], "--out", str(tmp_path / "b"), "--no-progress", "--sparse-biases", "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["queries"] == 2 * 3 * (241 + 1)
 
 
 def test_ratio_file_that_does_not_match_the_model_is_refused(tmp_path, capsys):

@@ -17,6 +17,7 @@ from zoblackbox.sparsity import (
     PruningRatios,
     SparseSchedule,
     fo_grasp_scores,
+    prunable_names,
     ratios_from_scores,
     uniform_ratios,
     zo_grasp,
@@ -76,6 +77,22 @@ def test_sampler_draws_with_ratios_and_keeps_biases_dense():
     assert not torch.equal(coords, sampler.sample())  # a fresh mask per draw
     dense = sum(layout.numels)
     assert dense / sampler.n_active > 8  # biases stay dense, so slightly under 10x at 0.9
+
+
+def test_sparse_biases_follow_their_layer_ratio():
+    layout = ParamLayout.from_tensors(dict(digits_cnn().named_parameters()))
+    ratios = {n: r for n, r in zip(prunable_names(layout), (0.5, 0.75, 0.9, 0.0))}
+    sampler = CoordinateSampler(layout, PruningRatios(ratios, 0.9, "test"), seed=0, biases="layer")
+    blocks = layout.block_index(sampler.sample())
+    for i, (name, numel) in enumerate(zip(layout.names, layout.numels)):
+        r = ratios[name.replace("bias", "weight")]
+        assert int((blocks == i).sum()) == max(1, round((1 - r) * numel)), name
+    dense = CoordinateSampler(layout, uniform_ratios(layout, 0.9), biases="dense").n_active
+    whole = CoordinateSampler(layout, uniform_ratios(layout, 0.9), biases="layer").n_active
+    assert sum(layout.numels) / whole >= 9.9
+    assert sum(layout.numels) / dense < 8.7
+    with pytest.raises(ConfigError, match="biases must be one of .*'some'"):
+        CoordinateSampler(layout, uniform_ratios(layout, 0.9), biases="some")
 
 
 def test_magnitude_masks_pick_the_largest_entries():

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="redraw the coordinate mask every K epochs (default 5)")
     train.add_argument("--freeze-inactive", action="store_true",
                        help="keep momentum and weight decay off the coordinates outside the mask")
+    train.add_argument("--sparse-biases", action="store_true",
+                       help="give each bias its layer's ratio (default: biases are estimated at every step)")
     train.add_argument("--scheduler", choices=SCHEDULERS, default="reuse",
                        help="how queries are evaluated (reuse = feature reuse, the fastest for torch models)")
     train.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory")
@@ -188,7 +190,8 @@ def _sparse_schedule(args, model, split):
     else:
         ratios = PruningRatios.from_json(args.ratios, layout)
     print(ratios)
-    sampler = CoordinateSampler(layout, ratios, seed=args.seed)
+    sampler = CoordinateSampler(layout, ratios, seed=args.seed,
+                                biases="layer" if getattr(args, "sparse_biases", False) else "dense")
     print(f"sparse CGE: {sampler.n_active:,} of {layout.dim:,} coordinates per step, mask redrawn every "
           f"{args.mask_interval} epochs")
     return SparseSchedule(sampler, interval=args.mask_interval, unit="epoch", freeze_inactive=args.freeze_inactive)

@@ -11,7 +11,8 @@ pruning-at-initialization scores computed with ZO queries (ZO-GraSP):
    ratios* are kept.
 
 During training a :class:`CoordinateSampler` draws, every ``K`` steps or epochs, a random mask per
-layer with those ratios; biases and other 1-D tensors (BatchNorm) stay dense.
+layer with those ratios; biases and other 1-D tensors (BatchNorm) stay dense unless the sampler is
+told to give each bias its layer's ratio (``biases="layer"``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .oracle import Oracle, as_vector
 from .params import ParamLayout
 
 __all__ = [
+    "BIAS_MODES",
     "RULES",
     "CoordinateSampler",
     "PruningRatios",
@@ -42,6 +44,7 @@ __all__ = [
 ]
 
 RULES = ("grasp", "magnitude")
+BIAS_MODES = ("dense", "layer")
 
 
 def check_sparsity(sparsity) -> float:
@@ -201,8 +204,9 @@ def fo_grasp_scores(model: torch.nn.Module, loss_fn, inputs, targets, names=None
 class CoordinateSampler:
     """Draws the coordinates a sparse CGE step estimates (DeepZero's dynamic sparse masks).
 
-    Each prunable tensor keeps ``round((1 - ratio) * numel)`` coordinates (at least one);
-    every other tensor (biases, BatchNorm) is kept whole.
+    Each prunable tensor keeps ``round((1 - ratio) * numel)`` coordinates (at least one).
+    Other tensors are kept whole, except with ``biases="layer"``: a 1-D tensor named
+    ``<module>.bias`` whose ``<module>.weight`` has a ratio is sampled with that ratio too.
 
     Args:
         layout: the parameter layout (``ModuleOracle.layout``).
@@ -210,21 +214,30 @@ class CoordinateSampler:
         kind: ``"random"`` (a fresh random mask per draw) or ``"magnitude"`` (the largest-|x|
             coordinates of each tensor at draw time; needs ``x``).
         seed: seed of the sampler's generator.
+        biases: ``"dense"`` (default: every bias estimated at every step) or ``"layer"`` (each bias
+            follows its layer's ratio, so the whole model, not only its weights, is at the target
+            sparsity: on the digits CNN this is 367 instead of 426 queries per step at 0.9).
     """
 
-    def __init__(self, layout: ParamLayout, ratios: PruningRatios, *, kind: str = "random", seed: int = 0):
+    def __init__(self, layout: ParamLayout, ratios: PruningRatios, *, kind: str = "random", seed: int = 0,
+                 biases: str = "dense"):
         if kind not in ("random", "magnitude"):
             raise ConfigError(f"kind must be 'random' or 'magnitude', got {kind!r}")
+        if biases not in BIAS_MODES:
+            raise ConfigError(f"biases must be one of {BIAS_MODES}, got {biases!r}")
         if not isinstance(ratios, PruningRatios):
             raise TypeError(f"ratios must be PruningRatios, got {type(ratios).__name__}")
         self.layout = layout
         self.ratios = ratios.validate(layout)
         self.kind = kind
+        self.biases = biases
         self.generator = torch.Generator()
         self.generator.manual_seed(int(seed))
         self.keep = {}
         for name, numel in zip(layout.names, layout.numels):
             r = self.ratios.ratios.get(name)
+            if r is None and biases == "layer" and name.endswith("bias"):
+                r = self.ratios.ratios.get(name[: -len("bias")] + "weight")
             self.keep[name] = numel if r is None else min(numel, max(1, round((1 - r) * numel)))
         if sum(self.keep.values()) < 1:
             raise ConfigError("the masks keep no coordinate in the whole model")
