@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,distributed,bench-core
+EXTRAS ?= dev,distributed,bench-core,gym,pde
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.zoblackbox-installed
 

@@ -1,5 +1,7 @@
 """Estimators against analytic answers; autograd is never used; bad input is refused."""
 
+import re
+
 import pytest
 import torch
 
@@ -152,3 +154,55 @@ def test_bad_coords_and_points_spend_no_query():
     with pytest.raises(ConfigError, match="length 2, expected the oracle's dim 3"):
         est.estimate(o, torch.zeros(2))
     assert o.nfev == 0
+
+
+# --------------------------------------------------------------------------- ARS-style options
+def test_top_b_keeps_the_pairs_with_the_best_side():
+    est = RandomEstimator(mu=0.1, q=4, antithetic=True, top_b=2, seed=3)
+    x = torch.zeros(3, dtype=torch.float64)
+    plan = est.plan(x)
+    # pair k: f(x + mu u_k), f(x - mu u_k); best sides: 5, 0, 2, -1 -> pairs 3 and 1 are kept
+    losses = torch.tensor([5.0, 0.0, 4.0, 7.0, 9.0, 1.0, 2.0, -1.0], dtype=torch.float64)
+    U = plan.directions[:4] / est.mu
+    expected = ((0.0 - 1.0) * U[1] + (7.0 - (-1.0)) * U[3]) / (2 * est.mu) / 2
+    assert torch.allclose(est.combine(plan, losses).grad, expected)
+
+
+def test_fitness_shaping_makes_the_estimate_invariant_to_the_loss_scale():
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64)
+
+    def f(v):
+        return ((v - 0.3) ** 2).sum() + torch.sin(3 * v).sum()
+
+    for shaping, transform in (("std", lambda y: 7.0 * y + 3.0), ("rank", lambda y: torch.exp(y) - 2.0)):
+        for antithetic in (True, False):
+            kw = {"mu": 0.05, "q": 6, "antithetic": antithetic, "fitness_shaping": shaping, "seed": 1}
+            g1 = RandomEstimator(**kw).estimate(FunctionOracle(f, 6), x).grad
+            g2 = RandomEstimator(**kw).estimate(FunctionOracle(lambda v, t=transform: t(f(v)), 6), x).grad
+            assert torch.allclose(g1, g2), (shaping, antithetic)
+    # unshaped estimates do scale with the loss
+    kw = {"mu": 0.05, "q": 6, "antithetic": True, "seed": 1}
+    g1 = RandomEstimator(**kw).estimate(FunctionOracle(f, 6), x).grad
+    g2 = RandomEstimator(**kw).estimate(FunctionOracle(lambda v: 7.0 * f(v), 6), x).grad
+    assert torch.allclose(7.0 * g1, g2)
+
+
+def test_rank_shaping_values_are_centered_ranks():
+    est = RandomEstimator(mu=0.5, q=2, antithetic=True, fitness_shaping="rank", seed=0)
+    x = torch.zeros(2, dtype=torch.float64)
+    plan = est.plan(x)
+    losses = torch.tensor([10.0, -3.0, 0.0, 100.0], dtype=torch.float64)  # ranks 2, 0, 1, 3 of 3
+    U = plan.directions[:2] / est.mu
+    expected = ((2 / 3 - 1 / 3) * U[0] + (0.0 - 1.0) * U[1]) / (2 * est.mu) / 2
+    assert torch.allclose(est.combine(plan, losses).grad, expected)
+
+
+def test_ars_option_errors_name_the_value():
+    with pytest.raises(ConfigError, match="needs antithetic=True"):
+        RandomEstimator(q=4, top_b=2)
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(ConfigError, match=re.escape(repr(bad))):
+            RandomEstimator(q=4, antithetic=True, top_b=bad)
+    with pytest.raises(ConfigError, match="'ranks'"):
+        RandomEstimator(fitness_shaping="ranks")
+    assert "top_b=2" in repr(RandomEstimator(q=4, antithetic=True, top_b=2))

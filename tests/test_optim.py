@@ -57,7 +57,7 @@ def test_callback_can_stop(quadratic):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"budget": 5}, "budget=5 is below the cost of one iteration"),
-    ({"optimizer": "lbfgs", "maxiter": 1}, "unknown optimizer 'lbfgs'"),
+    ({"optimizer": "lbfgs-b", "maxiter": 1}, "unknown optimizer 'lbfgs-b'"),
     ({"lr": -1.0, "maxiter": 1}, "lr must be a positive finite number, got -1.0"),
     ({}, "give a budget"),
     ({"maxiter": -2}, "maxiter must be a non-negative int, got -2"),
@@ -200,3 +200,34 @@ def test_minimize_auto_default_under_a_tight_budget_uses_rge():
     res = minimize(oracle, np.ones(200), lr=0.05, budget=2_100)
     assert res.nit == 99 and res.nfev == 99 * 21 + 1  # q=20 RGE steps, then the final evaluation
     assert res.fun < 200
+
+
+def _rosenbrock(X):
+    return (100 * (X[:, 1:] - X[:, :-1] ** 2) ** 2 + (1 - X[:, :-1]) ** 2).sum(1)
+
+
+def test_lbfgs_with_cge_solves_rosenbrock_within_an_exact_budget():
+    calls = []
+
+    def f(X):
+        calls.append(X.shape[0])
+        return _rosenbrock(X)
+
+    oracle = FunctionOracle(f, 10, vectorized=True, dtype=torch.float64)
+    res = minimize(oracle, np.zeros(10), estimator=CoordinateEstimator(mu=1e-6), optimizer="lbfgs", lr=1.0,
+                   budget=1500)
+    assert res.fun < 1e-6 and res.fun == min(h["f0"] for h in res.history)  # the best point evaluated
+    assert res.nfev == sum(calls) == oracle.nfev <= 1500
+    assert res.nfev > 1500 - 12 or "converged" in res.message
+    # Adam with the same estimator and budget is far behind on this valley
+    adam = minimize(FunctionOracle(_rosenbrock, 10, vectorized=True, dtype=torch.float64), np.zeros(10),
+                    estimator=CoordinateEstimator(mu=1e-6), optimizer="adam", lr=0.05, budget=1500)
+    assert adam.fun > 100 * res.fun
+
+
+def test_lbfgs_respects_maxiter_and_needs_the_base_query():
+    oracle = FunctionOracle(_rosenbrock, 4, vectorized=True, dtype=torch.float64)
+    res = minimize(oracle, np.zeros(4), estimator=CoordinateEstimator(mu=1e-6), optimizer="lbfgs", maxiter=3)
+    assert res.nit == 3 and "maxiter=3" in res.message and res.nfev == oracle.nfev
+    with pytest.raises(ConfigError, match="does not query the base point"):
+        minimize(oracle, np.zeros(4), estimator=CoordinateEstimator(scheme="central"), optimizer="lbfgs", maxiter=3)

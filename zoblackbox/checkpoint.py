@@ -9,7 +9,9 @@ A checkpoint is a pair of files in a directory:
 
 ``latest.json`` names the newest complete checkpoint. Every file is written to a temporary name
 and renamed into place, and ``latest.json`` is replaced last, so a crash at any moment leaves the
-previous checkpoint intact and loadable.
+previous checkpoint intact and loadable. Rewriting an existing tag first points ``latest.json`` at
+the previous checkpoint, so the pair being replaced is never the one ``latest.json`` names.
+Temporary files left by a writer that was killed are removed by the next save.
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], meta: d
     pt, js = directory / f"{name}.pt", directory / f"{name}.json"
     full_meta = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
                  "file": pt.name, **meta}
+    if js.exists() or pt.exists():  # same tag again: never leave latest.json on a half-replaced pair
+        older = [m for m in sorted(directory.glob("ckpt-*.json")) if m.name < js.name]
+        if older:  # (with no older checkpoint, a kill in between is reported as a checksum mismatch)
+            _atomic_write(directory / "latest.json", json.dumps({"checkpoint": older[-1].name}).encode())
     _atomic_write(pt, payload)
     _atomic_write(js, json.dumps(full_meta, indent=2, sort_keys=True).encode())
     _atomic_write(directory / "latest.json", json.dumps({"checkpoint": js.name}).encode())
@@ -87,6 +93,9 @@ def _prune(directory: Path, keep: set[str]) -> None:
             continue
         js.with_suffix(".pt").unlink(missing_ok=True)
         js.unlink(missing_ok=True)
+    for pattern in ("ckpt-*.tmp", "latest.json.*.tmp"):  # left by a writer killed before its rename
+        for tmp in directory.glob(pattern):
+            tmp.unlink(missing_ok=True)
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
@@ -96,8 +105,11 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
         return None
     try:
         name = json.loads(pointer.read_text())["checkpoint"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{pointer} is not a zoblackbox checkpoint pointer: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"{pointer} is not a zoblackbox checkpoint pointer: {exc!r}") from exc
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{pointer} is not a zoblackbox checkpoint pointer: 'checkpoint' is {name!r}, "
+                              "expected a file name")
     if Path(name).name != name:
         raise CheckpointError(f"{pointer} points outside its directory: {name!r}")
     return Path(directory) / name
@@ -141,4 +153,6 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict, 
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
         raise CheckpointError(f"refusing to load {pt}: it holds objects other than tensors and plain containers ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - any other failure of the unpickler on a payload it cannot read
+        raise CheckpointError(f"{pt} is not a readable checkpoint payload: {type(exc).__name__}: {exc}") from exc
     return state, meta

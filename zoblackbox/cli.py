@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how queries are evaluated (reuse = feature reuse, the fastest for torch models)")
     train.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    train.add_argument("--checkpoint-every-steps", type=positive_int, default=None, metavar="N",
+                       help="also checkpoint every N steps, mid-epoch (default: at epoch ends only); --resume "
+                            "continues from the last one bitwise exactly")
     _add_training_args(train, {k: None for k in DEMO_DEFAULTS})
     train.set_defaults(threads=None)
     return parser
@@ -273,7 +276,8 @@ def cmd_train(args) -> int:
                            output_dir=args.out, model_name=args.model, budget=args.budget, resume=args.resume,
                            task=args.task, data=args.data, scheduler=args.scheduler,
                            sparse=args.sparsity is not None and args.sparsity > 0, warmup_epochs=args.warmup_epochs,
-                           extra={"lr_schedule": args.lr_schedule, "bn_policy": args.bn_policy})
+                           extra={"lr_schedule": args.lr_schedule, "bn_policy": args.bn_policy,
+                                  "checkpoint_every_steps": args.checkpoint_every_steps})
     print(f"test acc {result['test_acc']:.4f}  queries {result['queries']:,}  steps {result['steps']}  "
           f"wall {time.perf_counter() - t0:.1f}s  ({result['stop_reason']}); metrics in {args.out / 'metrics.jsonl'}")
     summary = {k: v for k, v in result.items() if k != "history"}

@@ -94,22 +94,37 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as f:
             batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise ConfigError(f"{path} is not a CIFAR-10 python batch file: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read the CIFAR-10 batch file {path}: {exc}") from exc
+    except Exception as exc:  # garbage bytes fail in many ways (Overflow, Memory, Lookup, Type...)
+        raise ConfigError(f"{path} is not a CIFAR-10 python batch file: {type(exc).__name__}: {exc}") from exc
     if not isinstance(batch, dict):
         raise ConfigError(f"{path} is not a CIFAR-10 python batch file (top level is {type(batch).__name__})")
     data = batch.get(b"data", batch.get("data"))
     labels = batch.get(b"labels", batch.get("labels"))
     if data is None or labels is None:
         raise ConfigError(f"{path} lacks the 'data' or 'labels' entry of a CIFAR-10 batch")
-    data = np.asarray(data, dtype=np.uint8)
-    labels = np.asarray(labels, dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+    data = _integer_array(path, "data", data, 0, 255).astype(np.uint8)
+    labels = _integer_array(path, "labels", labels, 0, 9).astype(np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or data.shape[0] != labels.shape[0]:
         raise ConfigError(f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} and "
                           f"{labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ConfigError(f"{path}: labels must lie in 0..9, got {labels.min()}..{labels.max()}")
     return data.reshape(-1, 3, 32, 32), labels
+
+
+def _integer_array(path: Path, name: str, value, lo: int, hi: int) -> np.ndarray:
+    """``value`` as an integer array with entries in ``lo..hi`` (no silent casting of other types)."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"{path}: '{name}' is not an array of integers ({exc})") from exc
+    if arr.size == 0 and arr.dtype.kind == "f":  # an empty list reads as float64
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise ConfigError(f"{path}: '{name}' must hold integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < lo or arr.max() > hi):
+        raise ConfigError(f"{path}: '{name}' must lie in {lo}..{hi}, got {arr.min()}..{arr.max()}")
+    return arr
 
 
 def load_cifar10(path: str | Path, *, normalize: bool = True) -> Split:

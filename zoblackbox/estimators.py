@@ -19,13 +19,14 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import ConfigError
-from .oracle import as_vector
+from .oracle import Oracle, as_vector, short_repr
 from .plan import QueryPlan
 
-__all__ = ["CoordinateEstimator", "Estimate", "Estimator", "RandomEstimator"]
+__all__ = ["CoordinateEstimator", "Estimate", "Estimator", "RandomEstimator", "StepUnderflow"]
 
 
 @dataclass
@@ -56,24 +57,47 @@ def _check_coords(coords, dim: int, device) -> torch.Tensor:
     """All coordinates (``None``) or a validated 1-D tensor of distinct indices in ``[0, dim)``."""
     if coords is None:
         return torch.arange(dim, device=device)
-    c = torch.as_tensor(coords)
+    if isinstance(coords, (str, bytes)):
+        raise ConfigError(f"coords must be integer indices or a boolean mask, got {coords!r}")
+    try:
+        c = torch.as_tensor(coords)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ConfigError(
+            f"coords must be integer indices or a boolean mask, got {short_repr(coords)} ({exc})") from exc
     if c.numel() == 0:
-        raise ConfigError("coords selects no coordinate; at least one is needed for an estimate")
+        raise ConfigError(f"coords selects no coordinate (got {short_repr(coords)}); at least one is needed for an "
+                          "estimate")
     if c.dtype == torch.bool:
         if c.shape != (dim,):
             raise ConfigError(f"a boolean coordinate mask must have shape ({dim},), got {tuple(c.shape)}")
         c = c.nonzero().flatten()
     elif c.is_floating_point() or c.is_complex():
-        raise ConfigError(f"coords must be integer indices or a boolean mask, got dtype {c.dtype}")
+        raise ConfigError(f"coords must be integer indices or a boolean mask, got dtype {c.dtype}: "
+                          f"{short_repr(coords)}")
     c = c.reshape(-1).to(device=device, dtype=torch.long)
     if c.numel() == 0:
-        raise ConfigError("coords selects no coordinate; at least one is needed for an estimate")
+        raise ConfigError("coords selects no coordinate (an all-False mask); at least one is needed for an estimate")
     lo, hi = int(c.min()), int(c.max())
     if lo < 0 or hi >= dim:
         raise ConfigError(f"coords must lie in [0, {dim}), got an index {lo if lo < 0 else hi}")
-    if torch.unique(c).numel() != c.numel():
-        raise ConfigError("coords contains duplicate indices")
+    values, counts = torch.unique(c, return_counts=True)
+    if values.numel() != c.numel():
+        raise ConfigError(f"coords contains duplicate indices: {values[counts > 1][:5].tolist()}")
     return c
+
+
+class StepUnderflow(ConfigError):
+    """``mu`` is below the floating-point resolution at ``x``: a query would equal its base point
+    (and its finite difference would be a silent zero), so the plan is refused."""
+
+
+def _check_steps(steps: torch.Tensor, x: torch.Tensor, c: torch.Tensor, mu: float) -> None:
+    """Refuse realized coordinate steps that rounded away (``x_i + mu == x_i``)."""
+    zero = steps == 0
+    if bool(zero.any()):
+        i = int(c[zero.nonzero()[0, 0]])
+        raise StepUnderflow(f"mu={mu!r} is below the {x.dtype} resolution at x[{i}]={float(x[i])!r}: "
+                            "x + mu == x, so no difference can be measured; raise mu")
 
 
 class Estimator(ABC):
@@ -101,7 +125,15 @@ class Estimator(ABC):
             scheduler: evaluates the plan (``scheduler.run(oracle, plan)``); default: the
                 oracle's own ``evaluate_plan``.
         """
-        x = as_vector(x, dim=oracle.dim, dtype=getattr(oracle, "dtype", None))
+        if not isinstance(oracle, Oracle):
+            raise TypeError(f"oracle must be a zoblackbox Oracle, got {type(oracle).__name__}: {short_repr(oracle)}")
+        if scheduler is not None and not callable(getattr(scheduler, "run", None)):
+            raise TypeError(f"scheduler must be a zoblackbox Scheduler or None, got {type(scheduler).__name__}: "
+                            f"{short_repr(scheduler)}")
+        x = as_vector(x, dim=oracle.dim, dtype=oracle.dtype)
+        # the budget is checked before the plan is built: a plan too large for it is never allocated
+        n_coords = None if coords is None else int(_check_coords(coords, oracle.dim, x.device).shape[0])
+        oracle.reserve(self.num_queries(oracle.dim, n_coords))
         plan = self.plan(x, coords)
         before = oracle.nfev
         losses = scheduler.run(oracle, plan) if scheduler is not None else oracle.evaluate_plan(plan)
@@ -125,7 +157,7 @@ class CoordinateEstimator(Estimator):
 
     def __init__(self, mu: float = 5e-3, scheme: str = "forward"):
         self.mu = _check_mu(mu)
-        if scheme not in ("forward", "central"):
+        if not isinstance(scheme, str) or scheme not in ("forward", "central"):
             raise ConfigError(f"scheme must be 'forward' or 'central', got {scheme!r}")
         self.scheme = scheme
 
@@ -140,9 +172,11 @@ class CoordinateEstimator(Estimator):
         c = _check_coords(coords, x.shape[0], x.device)
         xc = x[c]
         up = (xc + self.mu) - xc  # realized steps
+        _check_steps(up, x, c, self.mu)
         if self.scheme == "forward":
             return QueryPlan(base=x, include_base=True, coords=c, offsets=up)
         down = (xc - self.mu) - xc
+        _check_steps(down, x, c, self.mu)
         return QueryPlan(base=x, include_base=False, coords=torch.cat([c, c]), offsets=torch.cat([up, down]))
 
     def combine(self, plan, losses) -> Estimate:
@@ -167,6 +201,24 @@ class CoordinateEstimator(Estimator):
 
 
 _DIRECTIONS = ("gaussian", "sphere", "rademacher")
+_SHAPING = (None, "std", "rank")
+
+
+def _shape(plus: torch.Tensor, minus: torch.Tensor, how: str, *, with_base: bool):
+    """Fitness shaping of paired losses (``minus`` is the base loss repeated when ``with_base``)."""
+    values = torch.cat([plus, minus[:1]]) if with_base else torch.cat([plus, minus])
+    if how == "std":
+        sd = values.std(unbiased=False) if values.numel() > 1 else values.new_tensor(0.0)
+        sd = sd if sd > 0 else values.new_tensor(1.0)
+        return plus / sd, minus / sd
+    # centered ranks in [-0.5, 0.5]; ties get the mean of their ranks
+    from scipy.stats import rankdata
+
+    ranks = torch.as_tensor(rankdata(values.detach().cpu().numpy(), method="average") - 1.0,
+                            dtype=values.dtype, device=values.device)
+    centered = ranks / max(values.numel() - 1, 1) - 0.5
+    k = plus.numel()
+    return centered[:k], (centered[k:].expand(k) if with_base else centered[k:])
 
 
 class RandomEstimator(Estimator):
@@ -194,24 +246,50 @@ class RandomEstimator(Estimator):
         directions: ``"gaussian"``, ``"sphere"`` or ``"rademacher"``.
         antithetic: use the two-sided (antithetic) scheme.
         seed: seed of the estimator's own generator (directions are reproducible from it).
+        top_b: keep only the ``b`` antithetic pairs whose better side has the lowest loss
+            (``min(f(x + mu u), f(x - mu u))``; Mania et al. 2018, ARS "V-t"); needs
+            ``antithetic=True``; the estimate averages over the ``b`` kept pairs.
+        fitness_shaping: ``None`` (raw loss differences), ``"std"`` (differences divided by the
+            standard deviation of the losses used, ARS "V2") or ``"rank"`` (losses replaced by
+            centered ranks in ``[-0.5, 0.5]``, Salimans et al. 2017). Shaping makes the estimate
+            invariant to the loss's scale (useful for returns of simulators), so it is a search
+            direction rather than an unbiased gradient: ARS V2-t with step ``alpha`` is
+            ``RandomEstimator(mu=nu, q=N, antithetic=True, top_b=b, fitness_shaping="std")`` with
+            plain SGD at ``lr = 2 * nu * alpha``.
     """
 
     def __init__(self, mu: float = 5e-3, q: int = 20, directions: str = "gaussian", antithetic: bool = False,
-                 seed: int | None = 0):
+                 seed: int | None = 0, top_b: int | None = None, fitness_shaping: str | None = None):
         self.mu = _check_mu(mu)
         if isinstance(q, bool) or not isinstance(q, int) or q < 1:
             raise ConfigError(f"q must be an int >= 1, got {q!r}")
-        if directions not in _DIRECTIONS:
+        if not isinstance(directions, str) or directions not in _DIRECTIONS:
             raise ConfigError(f"directions must be one of {_DIRECTIONS}, got {directions!r}")
+        if not isinstance(antithetic, (bool, np.bool_)):
+            raise ConfigError(f"antithetic must be a bool, got {antithetic!r}")
+        if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer))
+                                 or not -2**63 <= seed < 2**64):
+            raise ConfigError(f"seed must be an int in [-2**63, 2**64) or None, got {seed!r}")
+        if top_b is not None:
+            if isinstance(top_b, bool) or not isinstance(top_b, int) or not 1 <= top_b <= q:
+                raise ConfigError(f"top_b must be None or an int in [1, q={q}], got {top_b!r}")
+            if not antithetic:
+                raise ConfigError(f"top_b={top_b} selects antithetic pairs: it needs antithetic=True")
+        if fitness_shaping not in _SHAPING:
+            raise ConfigError(f"fitness_shaping must be one of {_SHAPING}, got {fitness_shaping!r}")
         self.q = q
         self.directions = directions
         self.antithetic = bool(antithetic)
+        self.top_b = top_b
+        self.fitness_shaping = fitness_shaping
         self.generator = torch.Generator()
         self.generator.manual_seed(0 if seed is None else int(seed))
 
     def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in (("top_b", self.top_b), ("fitness_shaping", self.fitness_shaping))
+                        if v is not None)
         return (f"RandomEstimator(mu={self.mu}, q={self.q}, directions={self.directions!r}, "
-                f"antithetic={self.antithetic})")
+                f"antithetic={self.antithetic}{extra})")
 
     def num_queries(self, dim: int, n_coords: int | None = None) -> int:
         return 2 * self.q if self.antithetic else self.q + 1
@@ -235,6 +313,10 @@ class RandomEstimator(Estimator):
         u = torch.zeros(self.q, x.shape[0], dtype=x.dtype, device=x.device)
         u[:, c] = self.sample(c.shape[0]).to(device=x.device, dtype=x.dtype)
         steps = self.mu * u
+        vanished = ((x + steps) == x).all(dim=1)  # a direction that rounds away would be a silent zero
+        if bool(vanished.any()):
+            raise StepUnderflow(f"mu={self.mu!r} is below the {x.dtype} resolution at x: x + mu * u == x for "
+                                f"{int(vanished.sum())} of {self.q} directions; raise mu")
         if self.antithetic:
             return QueryPlan(base=x, include_base=False, directions=torch.cat([steps, -steps]),
                              support=c.shape[0])
@@ -247,18 +329,24 @@ class RandomEstimator(Estimator):
         n_failed = int((~torch.isfinite(losses)).sum())
         if plan.include_base:
             f0 = float(losses[0])
-            diffs = (losses[1:] - f0) / self.mu
+            plus, minus, scale = losses[1:], losses[:1].expand(U.shape[0]), self.mu
         else:
             f0 = None
             q = U.shape[0] // 2
-            diffs = (losses[:q] - losses[q:]) / (2 * self.mu)
-            U = U[:q]
+            plus, minus, U, scale = losses[:q], losses[q:], U[:q], 2 * self.mu
         n = plan.support if plan.support is not None else x.shape[0]
-        ok = torch.isfinite(diffs)
-        q_ok = int(ok.sum())
+        ok = torch.isfinite(plus) & torch.isfinite(minus)
+        plus, minus, U = plus[ok], minus[ok], U[ok]
+        if self.top_b is not None and plus.numel() > self.top_b:
+            keep = torch.topk(torch.minimum(plus, minus), self.top_b, largest=False).indices
+            plus, minus, U = plus[keep], minus[keep], U[keep]
+        if self.fitness_shaping is not None and plus.numel():
+            plus, minus = _shape(plus, minus, self.fitness_shaping, with_base=plan.include_base)
+        diffs = (plus - minus) / scale
+        q_ok = int(diffs.numel())
         grad = torch.zeros(x.shape[0], dtype=torch.float64, device=losses.device)
         if q_ok:
-            grad = self.phi(n) / q_ok * (diffs[ok] @ U[ok])
+            grad = self.phi(n) / q_ok * (diffs @ U)
         return Estimate(grad.to(device=x.device, dtype=x.dtype), f0, len(plan), n_failed)
 
     def state_dict(self) -> dict:

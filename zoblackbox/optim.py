@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 from scipy.optimize import OptimizeResult
 from torch import nn
 
 from .errors import BudgetExhaustedError, ConfigError
-from .estimators import CoordinateEstimator, Estimate, Estimator, RandomEstimator
+from .estimators import CoordinateEstimator, Estimate, Estimator, RandomEstimator, StepUnderflow
 from .oracle import Oracle, as_vector
 
 __all__ = ["OPTIMIZERS", "SignSGD", "ZOGradient", "make_optimizer", "minimize"]
@@ -28,9 +29,7 @@ class SignSGD(torch.optim.Optimizer):
     """Sign-SGD: ``p -= lr * sign(grad)`` (robust to the scale of noisy ZO estimates)."""
 
     def __init__(self, params, lr: float = 1e-3):
-        if not lr > 0:
-            raise ConfigError(f"Invalid learning rate: {lr}")
-        super().__init__(params, {"lr": lr})
+        super().__init__(params, {"lr": _check_lr(lr)})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -47,13 +46,23 @@ OPTIMIZERS = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
     "signsgd": SignSGD,
+    "lbfgs": torch.optim.LBFGS,
 }
+
+
+def _check_lr(lr) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
+    return lr
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def make_optimizer(name_or_cls, params, lr: float, **kwargs) -> torch.optim.Optimizer:
     """A torch optimizer from a name in :data:`OPTIMIZERS` or an optimizer class."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
+    _check_lr(lr)
     if isinstance(name_or_cls, str):
         if name_or_cls.lower() not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {name_or_cls!r}; expected one of {sorted(OPTIMIZERS)}")
@@ -105,7 +114,13 @@ def minimize(
         x0: starting point, 1-D of length ``oracle.dim``, finite.
         estimator: gradient estimator; ``"auto"`` (default) picks CGE or RGE from the dimension
             and the budget (:func:`auto_estimator`).
-        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"signsgd"`` or a ``torch.optim`` class.
+        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"signsgd"``, ``"lbfgs"`` or a
+            ``torch.optim`` class. ``"lbfgs"`` is ``torch.optim.LBFGS`` with a strong-Wolfe line
+            search (``lr=1`` is the natural step there) fed with the estimator's gradients: each
+            function-and-gradient evaluation of the line search is one estimate
+            (``estimator.num_queries(dim)`` queries; the estimator must query the base point, e.g.
+            forward-difference CGE). It suits smooth, noise-free targets; an iteration is then one
+            L-BFGS iteration, and the returned point is the best one the run evaluated.
         lr: learning rate.
         budget: maximum queries this run may spend (exact, retries included). Each iteration
             costs ``estimator.num_queries(dim)``; one more query is kept for the value at the
@@ -119,7 +134,15 @@ def minimize(
     Returns:
         ``scipy.optimize.OptimizeResult`` with ``x`` (numpy), ``fun`` (loss at ``x``), ``nfev``
         (queries this run spent), ``nit``, ``success``, ``message``, ``history`` (one dict per
-        iteration: ``nit``, ``nfev``, ``f0``, ``grad_norm``) and ``failures``.
+        iteration: ``nit``, ``nfev``, ``f0``, ``grad_norm``) and ``failures``. An update that
+        would make ``x`` non-finite (a divergent run) stops the run with ``success=False`` and
+        returns the last finite iterate; so does an iterate so large that ``x + mu == x`` (the
+        estimator could measure no difference there).
+
+    Raises:
+        ConfigError: a bad argument (the message names it), before any query.
+        TypeError: an argument of the wrong kind (oracle, estimator, scheduler, callback...).
+        OracleError: a query failed under the oracle's ``raise`` policy.
     """
     if not isinstance(oracle, Oracle):
         raise TypeError(f"oracle must be a zoblackbox Oracle, got {type(oracle).__name__}; wrap functions with FunctionOracle")
@@ -127,33 +150,72 @@ def minimize(
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).nonzero().flatten()[:5].tolist()
         raise ConfigError(f"x0 must be finite; non-finite entries at indices {bad}: {x[bad].tolist()}")
-    if estimator == "auto" or estimator is None:
-        estimator = auto_estimator(oracle.dim, budget if isinstance(budget, int) else None)
+    if budget is not None and not _is_int(budget):
+        raise ConfigError(f"budget must be an int, got {budget!r}")
+    if isinstance(estimator, str) and estimator == "auto" or estimator is None:
+        estimator = auto_estimator(oracle.dim, None if budget is None else int(budget))
     if not isinstance(estimator, Estimator):
         raise TypeError(f"estimator must be a zoblackbox Estimator or 'auto', got {estimator!r}")
     step_cost = estimator.num_queries(oracle.dim)
-    if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, int):
-            raise ConfigError(f"budget must be an int, got {budget!r}")
-        if budget < step_cost + 1:
-            raise ConfigError(
-                f"budget={budget} is below the cost of one iteration ({step_cost} queries for {estimator!r} "
-                f"at dim={oracle.dim}) plus the final evaluation (1 query)"
-            )
-    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0):
+    if budget is not None and budget < step_cost + 1:
+        raise ConfigError(
+            f"budget={budget!r} is below the cost of one iteration ({step_cost} queries for {estimator!r} "
+            f"at dim={oracle.dim}) plus the final evaluation (1 query)"
+        )
+    if maxiter is not None and (not _is_int(maxiter) or maxiter < 0):
         raise ConfigError(f"maxiter must be a non-negative int, got {maxiter!r}")
     if budget is None and maxiter is None:
         raise ConfigError("give a budget (queries) or maxiter (iterations), or both")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}: {callback!r}")
+    if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, Mapping):
+        raise TypeError(f"optimizer_kwargs must be a mapping or None, got {type(optimizer_kwargs).__name__}: "
+                        f"{optimizer_kwargs!r}")
 
+    budget = None if budget is None else int(budget)
     param = nn.Parameter(x)
-    opt = make_optimizer(optimizer, [param], lr, **(optimizer_kwargs or {}))
-    start_nfev, t0 = oracle.nfev, time.perf_counter()
+    is_lbfgs = (optimizer.lower() == "lbfgs" if isinstance(optimizer, str)
+                else isinstance(optimizer, type) and issubclass(optimizer, torch.optim.LBFGS))
+    kwargs = dict(optimizer_kwargs or {})
+    if is_lbfgs:
+        if not estimator.plan(x).include_base:
+            raise ConfigError(f"optimizer='lbfgs' needs the loss at x from each estimate; {estimator!r} does not "
+                              "query the base point (use forward differences, e.g. CoordinateEstimator())")
+        kwargs.setdefault("line_search_fn", "strong_wolfe")
+        kwargs.setdefault("max_iter", 2**31 - 1)
+        kwargs.setdefault("max_eval", 2**31 - 1)
+        kwargs.setdefault("history_size", 20)
+        if budget is not None:  # the budget is the stopping rule: do not stop early on torch's tolerances
+            kwargs.setdefault("tolerance_grad", 0.0)
+            kwargs.setdefault("tolerance_change", 0.0)
+    opt = make_optimizer(optimizer, [param], lr, **kwargs)
+    start_nfev, own_budget = oracle.nfev, oracle.budget
+    loop = _minimize_lbfgs if is_lbfgs else _minimize_loop
+    try:
+        return loop(oracle, param, opt, estimator, step_cost, budget, maxiter, callback, scheduler,
+                    start_nfev, own_budget)
+    finally:
+        oracle.budget = own_budget
+
+
+def _minimize_loop(oracle, param, opt, estimator, step_cost, budget, maxiter, callback, scheduler, start_nfev,
+                   own_budget) -> OptimizeResult:
+    """The iterations of :func:`minimize`; the caller restores ``oracle.budget``."""
+    t0 = time.perf_counter()
     history: list[dict] = []
     nit, message, success = 0, "", True
 
     def spent() -> int:
         return oracle.nfev - start_nfev
 
+    def cap(kept: int) -> None:
+        """Lower the oracle's budget to this run's, less ``kept`` queries: retries of failed
+        queries then stay within ``budget`` too."""
+        if budget is not None:
+            limit = start_nfev + budget - kept
+            oracle.budget = limit if own_budget is None else min(own_budget, limit)
+
+    cap(1)  # one query is kept for the value at the returned point
     while True:
         if maxiter is not None and nit >= maxiter:
             message = f"maxiter={maxiter} iterations reached"
@@ -166,9 +228,21 @@ def minimize(
         except BudgetExhaustedError as exc:
             message, success = f"the oracle's own budget ran out: {exc}", False
             break
+        except StepUnderflow as exc:
+            if nit == 0:  # x0 itself: a configuration error
+                raise
+            message, success = f"stopped at iteration {nit + 1}: {exc}", False
+            break
         opt.zero_grad(set_to_none=True)
         param.grad = est.grad.to(param.dtype)
+        previous = param.detach().clone()
         opt.step()
+        if not torch.isfinite(param).all():  # diverged: return the last finite iterate, not inf/nan
+            with torch.no_grad():
+                param.copy_(previous)
+            message, success = (f"iteration {nit + 1} made x non-finite (gradient norm {float(est.grad.norm())!r}); "
+                                "returning the last finite iterate (lower lr?)"), False
+            break
         nit += 1
         history.append({"nit": nit, "nfev": spent(), "f0": est.f0, "grad_norm": float(est.grad.norm()),
                         "n_failed": est.n_failed, "time": time.perf_counter() - t0})
@@ -183,6 +257,7 @@ def minimize(
                 break
 
     x_final = param.detach()
+    cap(0)
     if oracle.remaining >= 1:
         fun = oracle(x_final)
     else:
@@ -250,3 +325,87 @@ class ZOGradient:
         self.oracle.update_bn_stats(x)
         self.last = est
         return est.f0
+
+
+class _StopLBFGS(Exception):
+    """Raised from the L-BFGS closure to end the run (budget, maxiter, callback, failure)."""
+
+
+def _minimize_lbfgs(oracle, param, opt, estimator, step_cost, budget, maxiter, callback, scheduler, start_nfev,
+                    own_budget) -> OptimizeResult:
+    """:func:`minimize` with ``torch.optim.LBFGS``: one estimate per closure call, best point kept."""
+    t0 = time.perf_counter()
+    history: list[dict] = []
+    state = {"message": "", "success": True, "best_f": math.inf, "best_x": param.detach().clone(), "evals": 0}
+
+    def spent() -> int:
+        return oracle.nfev - start_nfev
+
+    if budget is not None:  # one query is kept for the value at the returned point
+        limit = start_nfev + budget - 1
+        oracle.budget = limit if own_budget is None else min(own_budget, limit)
+
+    def nit() -> int:
+        return int(opt.state[param].get("n_iter", 0)) if param in opt.state else 0
+
+    def closure():
+        if maxiter is not None and nit() >= maxiter:
+            state["message"] = f"maxiter={maxiter} iterations reached"
+            raise _StopLBFGS
+        if budget is not None and spent() + step_cost + 1 > budget:
+            state["message"] = f"query budget reached ({spent()} of {budget} spent)"
+            raise _StopLBFGS
+        x = param.detach()
+        if not torch.isfinite(x).all():
+            state["message"], state["success"] = "the line search produced a non-finite x", False
+            raise _StopLBFGS
+        try:
+            est: Estimate = estimator.estimate(oracle, x, scheduler=scheduler)
+        except BudgetExhaustedError as exc:
+            state["message"], state["success"] = f"the oracle's own budget ran out: {exc}", False
+            raise _StopLBFGS from exc
+        except StepUnderflow as exc:
+            if state["evals"] == 0:
+                raise
+            state["message"], state["success"] = f"stopped: {exc}", False
+            raise _StopLBFGS from exc
+        state["evals"] += 1
+        f0 = est.f0 if est.f0 is not None and math.isfinite(est.f0) else math.inf
+        if f0 < state["best_f"]:
+            state["best_f"], state["best_x"] = f0, x.clone()
+        history.append({"nit": nit(), "nfev": spent(), "f0": est.f0, "grad_norm": float(est.grad.norm()),
+                        "n_failed": est.n_failed, "time": time.perf_counter() - t0})
+        if callback is not None and state["evals"] > 1:
+            try:
+                stop = callback(OptimizeResult(x=x.cpu().numpy().copy(), nit=nit(), nfev=spent(), fun=est.f0,
+                                               grad=est.grad.detach().cpu().numpy()))
+            except StopIteration:
+                stop = True
+            if stop:
+                state["message"] = "stopped by the callback"
+                raise _StopLBFGS
+        param.grad = est.grad.to(param.dtype)
+        # a failed base query: +inf makes the line search back off
+        return torch.tensor(f0 if math.isfinite(f0) else math.inf, dtype=torch.float64)
+
+    try:
+        opt.step(closure)  # runs until a tolerance of torch's L-BFGS is met or the closure stops it
+        state["message"] = "L-BFGS converged (gradient, step or loss change below its tolerances)"
+    except _StopLBFGS:
+        pass
+
+    x_final = state["best_x"]
+    oracle.budget = own_budget
+    if budget is not None:
+        limit = start_nfev + budget
+        oracle.budget = limit if own_budget is None else min(own_budget, limit)
+    if oracle.remaining >= 1:
+        fun = oracle(x_final)
+    else:
+        fun, state["success"] = math.nan, False
+        state["message"] += "; no query left to evaluate the final point"
+    return OptimizeResult(
+        x=x_final.cpu().numpy(), fun=fun, nfev=spent(), nit=nit(), success=state["success"] and math.isfinite(fun),
+        message=state["message"], history=history, failures=oracle.failure_report(),
+        wall_time=time.perf_counter() - t0,
+    )

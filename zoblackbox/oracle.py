@@ -22,6 +22,7 @@ the failure policy are the same whichever scheduler runs the queries.
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -112,18 +113,35 @@ class RawResult:
     errors: dict[int, BaseException] = field(default_factory=dict)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 60, 60, 8, 8, 8
+
+
+def short_repr(value) -> str:
+    """``repr(value)``, shortened for large containers (error messages name the bad value)."""
+    return _REPR.repr(value)
+
+
+def _real_tensor(x, what: str) -> torch.Tensor:
+    """``x`` as a tensor of real numbers (ints or floats); TypeError naming the value otherwise."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{what} of numbers, got {type(x).__name__}: {short_repr(x)}")
+    try:
+        t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise TypeError(f"{what} of numbers, got {type(x).__name__}: {short_repr(x)} ({exc})") from exc
+    if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
+        scalar = "" if isinstance(x, (torch.Tensor, np.ndarray)) else f": {short_repr(x)}"
+        raise TypeError(f"{what} of real numbers, got dtype {t.dtype}{scalar}")
+    return t
+
+
 def as_vector(x, *, dim: int | None = None, dtype=None, device=None, name: str = "x") -> torch.Tensor:
     """Convert ``x`` (tensor, numpy array or sequence) to a detached 1-D tensor, checking it."""
-    if isinstance(x, (str, bytes)) or x is None:
-        raise TypeError(f"{name} must be a 1-D array of numbers, got {type(x).__name__}: {x!r}")
-    try:
-        t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name} must be a 1-D array of numbers, got {type(x).__name__}: {exc}") from exc
-    if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
-        raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
+    t = _real_tensor(x, f"{name} must be a 1-D array")
     if t.dim() != 1:
-        raise ConfigError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+        scalar = f": {short_repr(x)}" if t.dim() == 0 else ""
+        raise ConfigError(f"{name} must be 1-D, got shape {tuple(t.shape)}{scalar}")
     if dim is not None and t.shape[0] != dim:
         raise ConfigError(f"{name} has length {t.shape[0]}, expected the oracle's dim {dim}")
     t = t.detach()
@@ -159,13 +177,16 @@ class Oracle:
     ):
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
             raise ConfigError(f"dim must be a positive int, got {dim!r}")
-        if budget is not None and (not isinstance(budget, (int, np.integer)) or budget < 0):
+        if budget is not None and (not isinstance(budget, (int, np.integer)) or isinstance(budget, bool)
+                                   or budget < 0):
             raise ConfigError(f"budget must be a non-negative int or None, got {budget!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ConfigError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         self._dim = int(dim)
         self.budget = None if budget is None else int(budget)
         self.policy = FailurePolicy.coerce(on_failure)
         self.dtype = dtype or torch.get_default_dtype()
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = _check_device(device)
         self.nfev = 0
         self.failures: list[QueryFailure] = []
 
@@ -212,6 +233,8 @@ class Oracle:
 
     #: rows materialized at once by :meth:`evaluate_plan`
     chunk_size: int = 256
+    #: queries reserved by :meth:`reserve` that :meth:`record` has not counted yet
+    _outstanding: int = 0
 
     # ------------------------------------------------------------------ hooks
     def _evaluate_one(self, x: torch.Tensor) -> float:
@@ -224,18 +247,25 @@ class Oracle:
 
     # ------------------------------------------------------------------ scheduler API
     def reserve(self, n: int) -> None:
-        """Refuse (before anything runs) a batch of ``n`` queries that would overrun the budget."""
+        """Refuse (before anything runs) a batch of ``n`` queries that would overrun the budget.
+
+        The ``n`` queries stay reserved until :meth:`record` has counted them: retries of failed
+        queries never spend budget that the rest of the batch needs.
+        """
         if self.budget is not None and self.nfev + n > self.budget:
             raise BudgetExhaustedError(
                 f"a batch of {n} queries would exceed the budget of {self.budget} "
                 f"({self.nfev} already spent, {self.budget - self.nfev} left)"
             )
+        self._outstanding = n
 
     def raw_evaluate(self, X: torch.Tensor) -> RawResult:
         """Evaluate without counting or failure policy (schedulers call this, then :meth:`record`).
 
         With a per-point oracle, exceptions are isolated per query; a vectorized batch that raises
-        marks every query of the batch as failed with that exception.
+        marks every query of the batch as failed with that exception. A batch that raises
+        :class:`OracleError` (e.g. the wrong number of losses) stops the step; it ran, so it is
+        counted in :attr:`nfev` first.
         """
         with torch.no_grad():
             if type(self)._evaluate_batch is Oracle._evaluate_batch:
@@ -258,6 +288,7 @@ class Oracle:
                     )
                 return RawResult(values, {})
             except OracleError:
+                self.nfev += X.shape[0]  # the batch was evaluated: count it, then stop the step
                 raise
             except Exception as exc:  # noqa: BLE001
                 nan = torch.full((X.shape[0],), math.nan, dtype=torch.float64)
@@ -274,6 +305,7 @@ class Oracle:
         values = raw.values.clone()
         first = self.nfev
         self.nfev += values.shape[0]
+        self._outstanding = max(0, self._outstanding - values.shape[0])
         nonfinite = (~torch.isfinite(values)).nonzero().flatten().tolist()
         bad = sorted(set(raw.errors) | set(nonfinite))
         for i in bad:
@@ -284,7 +316,8 @@ class Oracle:
     # ------------------------------------------------------------------ failures
     def _settle(self, index: int, i: int, value: float, exc: BaseException | None, point, evaluate) -> float:
         failure = _describe(index, value, exc)
-        while failure.attempts <= self.policy.retries and self.remaining >= 1:
+        # a retry may only spend budget that no reserved query of the batch still needs
+        while failure.attempts <= self.policy.retries and self.remaining - self._outstanding >= 1:
             retry = evaluate(point(i)[None])
             self.nfev += 1
             failure.attempts += 1
@@ -310,21 +343,25 @@ class Oracle:
 
     # ------------------------------------------------------------------ helpers
     def _check_batch(self, X) -> torch.Tensor:
-        if isinstance(X, (str, bytes)) or X is None:
-            raise TypeError(f"X must be a 2-D array of shape (K, {self.dim}), got {type(X).__name__}")
-        t = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
+        t = _real_tensor(X, f"X must be a 2-D array of shape (K, {self.dim})")
         if t.dim() != 2 or t.shape[1] != self.dim:
             raise ConfigError(f"X must have shape (K, {self.dim}), got {tuple(t.shape)}")
         if t.shape[0] == 0:
-            raise ConfigError("X must hold at least one point, got an empty batch")
+            raise ConfigError(f"X must hold at least one point, got an empty batch of shape {tuple(t.shape)}")
         return t.detach().to(device=self.device, dtype=self.dtype)
 
     def state_dict(self) -> dict:
         """Counters to checkpoint (the oracle's function itself is not saved)."""
         return {"nfev": self.nfev, "failures": [f.as_dict() for f in self.failures]}
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_outstanding", None)  # bookkeeping of the batch in progress, not part of the oracle
+        return state
+
     def load_state_dict(self, state: Mapping) -> None:
         self.nfev = int(state["nfev"])
+        self._outstanding = 0
         self.failures = [QueryFailure(**f) for f in state.get("failures", [])]
 
     def __repr__(self) -> str:
@@ -369,13 +406,28 @@ class FunctionOracle(Oracle):
         with torch.no_grad():
             try:
                 out = self.fn(self._convert(X))
+                if not isinstance(out, torch.Tensor) and np.asarray(out).dtype.kind not in "biuf":
+                    raise TypeError(f"the vectorized fn must return real losses, got {type(out).__name__}: "
+                                    f"{short_repr(out)}")
                 values = torch.as_tensor(np.asarray(out, dtype=np.float64) if not isinstance(out, torch.Tensor) else out)
                 values = values.detach().to("cpu", torch.float64).reshape(-1)
             except Exception as exc:  # noqa: BLE001
                 return RawResult(torch.full((X.shape[0],), math.nan, dtype=torch.float64), {i: exc for i in range(X.shape[0])})
         if values.shape[0] != X.shape[0]:
+            self.nfev += X.shape[0]  # the batch was evaluated: count it, then stop the step
             raise OracleError(f"vectorized fn returned {values.shape[0]} values for a batch of {X.shape[0]} points")
         return RawResult(values, {})
+
+
+def _check_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)  # a device that does not exist here fails now, not at the first query
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        raise ConfigError(f"device {device!r} is not usable here: {exc}") from exc
+    return dev
 
 
 def _to_float(v) -> float:

@@ -25,6 +25,18 @@ class ParamLayout:
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
 
+    def __post_init__(self):
+        if not isinstance(self.names, tuple) or not all(isinstance(n, str) for n in self.names):
+            raise ConfigError(f"ParamLayout.names must be a tuple of str, got {self.names!r}")
+        if len(set(self.names)) != len(self.names):
+            raise ConfigError(f"ParamLayout.names must be distinct, got {self.names!r}")
+        if not isinstance(self.shapes, tuple) or len(self.shapes) != len(self.names):
+            raise ConfigError(f"ParamLayout needs one shape per name ({len(self.names)}), got {self.shapes!r}")
+        for name, shape in zip(self.names, self.shapes):
+            if not isinstance(shape, tuple) or not all(
+                    isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in shape):
+                raise ConfigError(f"the shape of {name!r} must be a tuple of non-negative ints, got {shape!r}")
+
     @classmethod
     def from_tensors(cls, named: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> ParamLayout:
         items = list(named.items() if isinstance(named, Mapping) else named)

@@ -14,9 +14,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from .errors import ConfigError
+
 __all__ = ["QueryPlan"]
+
+
+def _tensor(value, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"QueryPlan.{name} must be a tensor, got {type(value).__name__}: {value!r}")
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise TypeError(f"QueryPlan.{name} must be a tensor, got {type(value).__name__}: {exc}") from exc
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass
@@ -30,6 +48,9 @@ class QueryPlan:
         offsets: ``(m,)`` signed step added to ``base[coords[j]]`` for query j (coordinate plans).
         directions: ``(m, d)`` dense perturbations added to ``base`` (direction plans), else ``None``.
         support: number of coordinates the directions live on (direction plans).
+
+    Array-likes are converted to tensors; fields of the wrong shape or dtype, or coordinates
+    outside ``[0, d)``, raise :class:`~zoblackbox.errors.ConfigError` (a ``ValueError``) naming them.
     """
 
     base: torch.Tensor
@@ -41,9 +62,40 @@ class QueryPlan:
 
     def __post_init__(self):
         if (self.coords is None) == (self.directions is None):
-            raise ValueError("a QueryPlan has either coordinate steps or directions, not both or neither")
-        if self.coords is not None and (self.offsets is None or self.offsets.shape != self.coords.shape):
-            raise ValueError("coordinate plans need one offset per coordinate")
+            raise ConfigError("a QueryPlan has either coordinate steps or directions, not both or neither")
+        self.base = base = _tensor(self.base, "base")
+        if base.dim() != 1 or not base.is_floating_point():
+            raise ConfigError(f"QueryPlan.base must be a 1-D floating-point tensor, got shape {tuple(base.shape)} "
+                              f"and dtype {base.dtype}")
+        if not isinstance(self.include_base, (bool, np.bool_)):
+            raise ConfigError(f"QueryPlan.include_base must be a bool, got {self.include_base!r}")
+        d = base.shape[0]
+        if self.coords is not None:
+            self.coords = coords = _tensor(self.coords, "coords")
+            if self.offsets is None:
+                raise ConfigError("coordinate plans need one offset per coordinate, got offsets=None")
+            self.offsets = offsets = _tensor(self.offsets, "offsets")
+            if coords.dim() != 1 or coords.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8):
+                raise ConfigError(f"QueryPlan.coords must be a 1-D tensor of integer indices, got shape "
+                                  f"{tuple(coords.shape)} and dtype {coords.dtype}")
+            if offsets.shape != coords.shape or offsets.is_complex() or offsets.dtype == torch.bool:
+                raise ConfigError(f"coordinate plans need one real offset per coordinate: coords has shape "
+                                  f"{tuple(coords.shape)}, offsets shape {tuple(offsets.shape)} and dtype "
+                                  f"{offsets.dtype}")
+            if coords.numel():
+                lo, hi = int(coords.min()), int(coords.max())
+                if lo < 0 or hi >= d:
+                    raise ConfigError(f"QueryPlan.coords must lie in [0, {d}), got an index {lo if lo < 0 else hi}")
+        else:
+            if self.offsets is not None:
+                raise ConfigError("offsets belong to coordinate plans; a direction plan has none")
+            self.directions = directions = _tensor(self.directions, "directions")
+            if directions.dim() != 2 or directions.shape[1] != d or directions.is_complex() \
+                    or directions.dtype == torch.bool:
+                raise ConfigError(f"QueryPlan.directions must be a real (m, {d}) tensor, got shape "
+                                  f"{tuple(directions.shape)} and dtype {directions.dtype}")
+        if self.support is not None and (not _is_int(self.support) or not 0 <= self.support <= d):
+            raise ConfigError(f"QueryPlan.support must be an int in [0, {d}] or None, got {self.support!r}")
 
     @property
     def kind(self) -> str:
@@ -62,11 +114,15 @@ class QueryPlan:
 
     def point(self, i: int) -> torch.Tensor:
         """The i-th query point, shape ``(d,)``."""
+        if not _is_int(i):
+            raise TypeError(f"a query index must be an int, got {i!r}")
         return self.points(i, i + 1)[0]
 
     def points(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Query points ``start..stop-1`` as a dense ``(k, d)`` tensor."""
         stop = len(self) if stop is None else stop
+        if not (_is_int(start) and _is_int(stop)):
+            raise TypeError(f"query range bounds must be ints, got {start!r}:{stop!r}")
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"query range {start}:{stop} outside a plan of {len(self)} queries")
         shift = int(self.include_base)

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import ConfigError
@@ -97,15 +98,17 @@ class PruningRatios:
         """Read ratios written by :meth:`to_json` (or a plain ``{name: ratio}`` object)."""
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read pruning ratios from {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         ratios = data.get("ratios", data)
         if not isinstance(ratios, dict):
             raise ConfigError(f"{path}: 'ratios' must be an object of name -> ratio")
-        out = cls({str(k): v for k, v in ratios.items()}, float(data.get("sparsity", math.nan)), "file",
-                  {"path": str(path)})
+        sparsity = data.get("sparsity", math.nan)
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+            raise ConfigError(f"{path}: 'sparsity' must be a number, got {sparsity!r}")
+        out = cls({str(k): v for k, v in ratios.items()}, float(sparsity), "file", {"path": str(path)})
         return out.validate(layout) if layout is not None else out
 
     def __str__(self) -> str:
@@ -225,8 +228,12 @@ class CoordinateSampler:
             raise ConfigError(f"kind must be 'random' or 'magnitude', got {kind!r}")
         if biases not in BIAS_MODES:
             raise ConfigError(f"biases must be one of {BIAS_MODES}, got {biases!r}")
+        if not isinstance(layout, ParamLayout):
+            raise TypeError(f"layout must be a ParamLayout, got {type(layout).__name__}: {layout!r}")
         if not isinstance(ratios, PruningRatios):
-            raise TypeError(f"ratios must be PruningRatios, got {type(ratios).__name__}")
+            raise TypeError(f"ratios must be PruningRatios, got {type(ratios).__name__}: {ratios!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ConfigError(f"seed must be an int, got {seed!r}")
         self.layout = layout
         self.ratios = ratios.validate(layout)
         self.kind = kind

@@ -1,0 +1,143 @@
+"""The external-program oracle: protocol, timeouts, crashes, validation, pools; a real subprocess."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from zoblackbox import ConfigError, CoordinateEstimator, FunctionOracle, OracleError, minimize
+from zoblackbox.adapters.process import ProcessOracle, ProgramCrashError, ProtocolError
+from zoblackbox.plan import QueryPlan
+from zoblackbox.schedule import ProcessPoolScheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIRKY = [sys.executable, str(Path(__file__).parent / "programs" / "quirky_sim.py")]
+ODE = ROOT / "docs" / "examples" / "ode_sim.py"
+
+
+def load_ode():
+    spec = importlib.util.spec_from_file_location("ode_sim", ODE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_answers_match_the_python_function_and_the_program_starts_once():
+    ode = load_ode()
+    rng = np.random.default_rng(0)
+    X = torch.tensor(np.array(ode.X_TRUE) + 0.1 * rng.standard_normal((6, 4)))
+    with ProcessOracle([sys.executable, str(ODE)], dim=4, dtype=torch.float64) as oracle:
+        got = oracle.evaluate(X)
+        assert oracle.starts == 1 and oracle.nfev == 6
+        assert oracle(X[0]) == got[0].item()
+    expected = torch.tensor([ode.loss(x.numpy()) for x in X], dtype=torch.float64)
+    assert torch.equal(got, expected)  # JSON floats round-trip exactly
+    assert not oracle.running
+
+
+def test_fitting_the_ode_example_through_the_program_equals_the_function():
+    ode = load_ode()
+    kwargs = {"estimator": CoordinateEstimator(mu=1e-4, scheme="central"), "optimizer": "adam", "lr": 0.05,
+              "budget": 400}
+    a = minimize(FunctionOracle(ode.loss, 4, numpy=True, dtype=torch.float64), ode.X0, **kwargs)
+    with ProcessOracle([sys.executable, str(ODE)], dim=4, dtype=torch.float64) as oracle:
+        b = minimize(oracle, ode.X0, **kwargs)
+    assert np.array_equal(a.x, b.x) and a.fun == b.fun and b.nfev == 400 - (400 - 1) % 8 and b.fun < 0.05 * ode.loss(ode.X0)
+
+
+def test_a_hung_query_times_out_and_the_program_is_restarted():
+    with ProcessOracle(QUIRKY, dim=2, timeout=0.5, startup_timeout=5, on_failure="inf") as oracle:
+        assert oracle([1.0, 2.0]) == 5.0
+        values = oracle.evaluate(torch.tensor([[100.0, 0.0], [3.0, 0.0]]))
+        assert values[0].item() == math.inf and values[1].item() == 9.0
+        assert oracle.starts == 2 and oracle.restarts == 1
+        (failure,) = oracle.failures
+        assert failure.kind == "timeout" and "within 5.5 s" not in failure.message and "0.5 s" in failure.message
+
+
+def test_a_crash_is_reported_with_stderr_and_the_next_query_restarts():
+    with ProcessOracle(QUIRKY, dim=2) as oracle:
+        with pytest.raises(OracleError, match="(?s)quirky_sim.py' exited while answering query id 0.*crashing on purpose") as err:
+            oracle([101.0, 0.0])
+        assert isinstance(err.value.__cause__, ProgramCrashError)
+        assert oracle([2.0, 0.0]) == 4.0 and oracle.starts == 2
+    with ProcessOracle(QUIRKY, dim=2, on_failure="retry") as oracle:  # retries land on a fresh program
+        out = oracle.evaluate(torch.tensor([[101.0, 0.0], [1.0, 1.0]]))
+        assert math.isnan(out[0].item()) and out[1].item() == 2.0  # the crashing query is skipped after retries
+        assert oracle.failure_report() == {"failed_queries": 1, "resolved_by_retry": 0, "by_kind": {"exception": 1}}
+        # 4 attempts at the crashing query (each a counted query), each killing its program: the first
+        # retry reuses the program started for [1, 1], the two others start their own
+        assert oracle.nfev == 2 + 3 and oracle.starts == 4
+
+
+@pytest.mark.parametrize(("trigger", "message"), [
+    (102, "'this is not json'.*not a JSON line"),
+    (103, "wrong id 7"),
+    (104, "'loss' must be a number, got 'abc'"),
+])
+def test_malformed_answers_are_refused_with_the_offending_line(trigger, message):
+    with ProcessOracle(QUIRKY, dim=2) as oracle:
+        with pytest.raises(OracleError, match=message) as err:
+            oracle([float(trigger), 0.0])
+        assert isinstance(err.value.__cause__, ProtocolError)
+        assert oracle([1.0, 0.0]) == 1.0 and oracle.starts == 2  # restarted: the stream is not trusted
+
+
+def test_reported_errors_and_nan_go_to_the_failure_policy():
+    with ProcessOracle(QUIRKY, dim=2, on_failure="inf") as oracle:
+        out = oracle.evaluate(torch.tensor([[105.0, 0.0], [106.0, 0.0], [0.0, 2.0]]))
+        assert out.tolist() == [math.inf, math.inf, 4.0]
+        kinds = sorted(f.kind for f in oracle.failures)
+        assert kinds == ["exception", "nonfinite"] and oracle.starts == 1
+        assert "solver diverged" in next(f.message for f in oracle.failures if f.kind == "exception")
+
+
+def test_no_shell_and_bad_arguments_are_refused():
+    for bad in ("python sim.py", b"python", [], None, ["python", 3]):
+        with pytest.raises(ConfigError, match="command") as err:
+            ProcessOracle(bad, dim=2)
+        assert repr(bad) in str(err.value)
+    for key, value in (("timeout", 0), ("timeout", -1.0), ("timeout", math.nan), ("startup_timeout", None)):
+        with pytest.raises(ConfigError, match=f"{key} must be a positive number of seconds, got {value!r}"):
+            ProcessOracle(QUIRKY, dim=2, **{key: value})
+    with pytest.raises(ConfigError, match="'/no/such/dir' is not a directory"):
+        ProcessOracle(QUIRKY, dim=2, cwd="/no/such/dir")
+    # a shell metacharacter in an argument is passed verbatim, never interpreted
+    script = ("import sys, json; [print(json.dumps({'id': json.loads(l)['id'], 'loss': len(sys.argv)}), flush=True) "
+              "for l in sys.stdin]")
+    with ProcessOracle([sys.executable, "-c", script, "; rm -rf /tmp/x &&"], dim=1) as oracle:
+        assert oracle([0.0]) == 2.0
+    with ProcessOracle(["/no/such/program"], dim=1) as oracle, pytest.raises(OracleError, match="cannot start"):
+        oracle([0.0])
+
+
+def _run_on(scheduler):
+    X = torch.arange(24, dtype=torch.float64).reshape(12, 2) / 10
+    oracle = ProcessOracle(QUIRKY, dim=2, dtype=torch.float64, on_failure="inf")
+    est = CoordinateEstimator(mu=1e-3).estimate(oracle, X[3], scheduler=scheduler)
+    values = scheduler.run(oracle, QueryPlan(base=X[0], include_base=True, directions=X[1:] - X[0]))
+    assert torch.allclose(values, (X ** 2).sum(1), atol=1e-12)
+    assert torch.allclose(est.grad, 2 * X[3], atol=1e-2) and oracle.nfev == 3 + 12
+    # a crash in a worker's program is a counted, reported failure; the other queries are unaffected
+    base = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    hit = scheduler.run(oracle, QueryPlan(base=base, include_base=True, directions=torch.tensor([[101.0, -0.5]])))
+    assert hit.tolist() == [0.25, math.inf]
+    assert oracle.failure_report()["by_kind"] == {"exception": 1}
+    assert oracle.starts == 0  # the programs ran in the workers, not here
+    json.dumps(oracle.failure_report())
+
+
+def test_works_in_the_process_pool_with_one_program_per_worker():
+    with ProcessPoolScheduler(n_workers=2) as pool:
+        _run_on(pool)
+
+
+def test_works_on_a_dask_cluster():
+    dask_mod = pytest.importorskip("zoblackbox.schedule.dask_cluster")
+    with dask_mod.DaskScheduler(n_workers=2) as scheduler:
+        _run_on(scheduler)
