@@ -1,0 +1,340 @@
+"""zoblackbox against nevergrad, pycma and scipy on test functions and on the digits CNN loss.
+
+**Part 1 -- test functions** at d = 10, 100, 1000 (``--dims``), every method given the same number
+of evaluations (``--evals-per-dim`` x d, default 100 d, capped at ``--max-evals``, default 20,000:
+at d = 1000 NGOpt alone spends ~300 s per 100k-evaluation run here) of the same black box,
+5 seeds (``--seeds``; 2 at d = 1000, ``--seeds-large``), started from the
+same point, judged by the *noise-free* function value at the point it returns, divided by the
+value at the start (``rel``: 1 = no progress, 0 = solved):
+
+* ``quadratic``: ``0.5 (x - 1)^T A (x - 1)``, ``A = Q diag(l) Q^T``, eigenvalues log-spaced in
+  [1, 100], ``Q`` a seeded random rotation; start 0.
+* ``rosenbrock``: ``sum 100 (x_{i+1} - x_i^2)^2 + (1 - x_i)^2``; start 0.
+* ``ellipsoid``: the same form with eigenvalues ``10^(6 i / (d - 1))`` (condition number 1e6) and
+  its own rotation (non-separable, like BBOB's f10; unrotated, Powell's coordinate line searches
+  solve it exactly); start 0.
+* ``noisy_sphere``: ``||x - 1||^2 + 0.1 N(0, 1)`` per evaluation (the reported value is the
+  noise-free ``||x - 1||^2``); start 0.
+
+Methods (defaults of each library unless stated; nothing tuned per function):
+
+* ``zoblackbox``: the library's recommended setting for the kind of target (``ZO_BEST``): for the
+  smooth functions ``minimize(estimator=CoordinateEstimator(mu=1e-6), optimizer="lbfgs")`` --
+  forward-difference CGE gradients with L-BFGS and a strong-Wolfe line search; for the noisy one
+  ``CoordinateEstimator(mu=5 * noise_sd, scheme="central")`` with SGD, lr 0.1 (central differences
+  are exact on quadratics and a step well above the noise keeps the estimate's noise small);
+* ``zo-adam``: ``minimize(..., estimator="auto", optimizer="adam", lr=0.05)``, the library's
+  default estimator choice;
+* ``ngopt``: nevergrad ``NGOpt`` (``num_workers=1``, its recommendation);
+* ``cma``: pycma ``CMAEvolutionStrategy(x0, 0.5)`` (full covariance up to d = 100, ``CMA_diagonal``
+  at d = 1000 where the full one is too slow), the distribution mean;
+* ``powell``, ``nelder-mead``: ``scipy.optimize.minimize`` with ``maxfev`` = the budget;
+* ``lbfgsb-fd``: scipy ``L-BFGS-B`` with its finite-difference gradient (``maxfun`` = budget).
+
+Every black box counts its evaluations and refuses the one past the budget (raising inside the
+peer, whose best point so far is then used), so no method gets more than the budget.
+
+**Part 2 -- the digits CNN** (1,722 parameters, the full-batch loss on 512 training images, the
+problem of ``cge_vs_rge.py``'s equal-budget view): nevergrad NGOpt with 30,000 queries, then
+zoblackbox CGE + Adam (``FeatureReuseScheduler``) given (a) the same 30,000 queries and (b) the same
+*wall time* NGOpt took. Test accuracy on the 360 test images.
+
+Run:  python benchmarks/peers_bbo.py              (see the JSON's wall_s; about 25 min on 2 shared cores)
+      python benchmarks/peers_bbo.py --quick      (d = 10 and 100, 1 seed, no CNN: ~3 min)
+Writes benchmarks/results/peers_bbo.json and peers_bbo.png. Needs ``pip install -e '.[bench]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import _common
+import numpy as np
+import torch
+from _common import machine_info, new_figure, save_figure, set_threads, warn_if_busy, write_json
+
+from zoblackbox import CoordinateEstimator, FunctionOracle, minimize
+from zoblackbox.cli import positive_int
+
+FUNCTIONS = ("quadratic", "rosenbrock", "ellipsoid", "noisy_sphere")
+METHODS = ("zoblackbox", "zo-adam", "ngopt", "cma", "powell", "nelder-mead", "lbfgsb-fd")
+NOISE = 0.1
+
+
+class Budget(Exception):
+    """Raised by a black box asked for one evaluation past its budget."""
+
+
+class Problem:
+    """A test function, its start point and a counting, budgeted numpy/torch black box."""
+
+    def __init__(self, name: str, d: int, seed: int):
+        self.name, self.d, self.seed = name, d, seed
+        self.x0 = np.zeros(d)
+        if name in ("quadratic", "ellipsoid"):
+            rng = np.random.default_rng((1000 if name == "quadratic" else 2000) + d)
+            q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+            eig = np.logspace(0, 2, d) if name == "quadratic" else 10.0 ** (6 * np.arange(d) / max(d - 1, 1))
+            self.A = torch.from_numpy((q * eig) @ q.T)
+        self.noise = np.random.default_rng(seed)
+
+    def clean(self, X: torch.Tensor) -> torch.Tensor:
+        """Noise-free values of the rows of ``X`` (float64)."""
+        X = X.to(torch.float64)
+        if self.name in ("quadratic", "ellipsoid"):
+            Z = X - 1
+            return 0.5 * ((Z @ self.A) * Z).sum(1)
+        if self.name == "rosenbrock":
+            return (100 * (X[:, 1:] - X[:, :-1] ** 2) ** 2 + (1 - X[:, :-1]) ** 2).sum(1)
+        return ((X - 1) ** 2).sum(1)
+
+    def noisy(self, X: torch.Tensor) -> torch.Tensor:
+        out = self.clean(X)
+        if self.name == "noisy_sphere":
+            out = out + NOISE * torch.from_numpy(self.noise.standard_normal(out.shape[0]))
+        return out
+
+    def value(self, x) -> float:
+        return float(self.clean(torch.as_tensor(np.asarray(x, dtype=np.float64))[None])[0])
+
+
+class Counted:
+    """A numpy black box for the peers: counts, refuses past the budget, remembers the best point."""
+
+    def __init__(self, problem: Problem, budget: int):
+        self.p, self.budget, self.n = problem, budget, 0
+        self.best_x, self.best_f = problem.x0.copy(), math.inf
+
+    def __call__(self, x) -> float:
+        if self.n >= self.budget:
+            raise Budget
+        self.n += 1
+        x = np.asarray(x, dtype=np.float64)
+        f = float(self.p.noisy(torch.from_numpy(x)[None])[0])
+        if f < self.best_f:
+            self.best_x, self.best_f = x.copy(), f
+        return f
+
+
+ZO_BEST = {  # zoblackbox's recommended setting per kind of target (docs/simulators.md)
+    "smooth": {"estimator": "CoordinateEstimator(mu=1e-6)", "optimizer": "lbfgs", "lr": 1.0},
+    "noisy": {"estimator": "CoordinateEstimator(mu=5 * noise_sd, scheme='central')", "optimizer": "sgd", "lr": 0.1},
+}
+
+
+def run_zo(problem: Problem, budget: int, method: str) -> tuple[np.ndarray, int]:
+    oracle = FunctionOracle(problem.noisy, problem.d, vectorized=True, dtype=torch.float64, budget=budget)
+    if method == "zoblackbox":
+        if problem.name == "noisy_sphere":  # central differences are exact on quadratics; mu >> noise
+            res = minimize(oracle, problem.x0, estimator=CoordinateEstimator(mu=5 * NOISE, scheme="central"),
+                           optimizer="sgd", lr=0.1, budget=budget)
+        else:
+            res = minimize(oracle, problem.x0, estimator=CoordinateEstimator(mu=1e-6), optimizer="lbfgs", lr=1.0,
+                           budget=budget)
+    else:
+        res = minimize(oracle, problem.x0, estimator="auto", optimizer="adam", lr=0.05, budget=budget)
+    return np.asarray(res.x), oracle.nfev
+
+
+def run_peer(problem: Problem, budget: int, method: str) -> tuple[np.ndarray, int]:
+    f = Counted(problem, budget)
+    x = None
+    try:
+        if method == "ngopt":
+            import nevergrad as ng
+
+            param = ng.p.Array(init=problem.x0.copy())
+            param.random_state = np.random.RandomState(problem.seed)
+            opt = ng.optimizers.NGOpt(parametrization=param, budget=budget, num_workers=1)
+            for _ in range(budget):
+                cand = opt.ask()
+                opt.tell(cand, f(cand.value))
+            x = opt.provide_recommendation().value
+        elif method == "cma":
+            import cma
+
+            opts = {"seed": problem.seed + 1, "verbose": -9, "maxfevals": budget}
+            if problem.d > 100:
+                opts["CMA_diagonal"] = True
+            es = cma.CMAEvolutionStrategy(problem.x0, 0.5, opts)
+            while f.n + es.popsize <= budget and not es.stop():
+                pop = es.ask()
+                es.tell(pop, [f(p) for p in pop])
+            x = es.result.xfavorite
+        else:
+            from scipy.optimize import minimize as sp_minimize
+
+            if method == "lbfgsb-fd":
+                res = sp_minimize(f, problem.x0, method="L-BFGS-B", options={"maxfun": budget, "maxiter": budget})
+            else:
+                name = {"powell": "Powell", "nelder-mead": "Nelder-Mead"}[method]
+                res = sp_minimize(f, problem.x0, method=name, options={"maxfev": budget, "maxiter": budget})
+            x = res.x
+    except Budget:
+        x = None
+    if x is None:  # stopped by the budget inside the peer: its best evaluated point
+        x = f.best_x
+    return np.asarray(x, dtype=np.float64), f.n
+
+
+def run_functions(args) -> list[dict]:
+    rows = []
+    for d in args.dims:
+        budget = min(args.evals_per_dim * d, args.max_evals)
+        seeds = args.seeds if d < 1000 else min(args.seeds, args.seeds_large)
+        for name in FUNCTIONS:
+            for method in args.methods:
+                rels, walls, used = [], [], []
+                for seed in range(seeds):
+                    problem = Problem(name, d, seed)
+                    f0 = problem.value(problem.x0)
+                    t0 = time.perf_counter()
+                    runner = run_zo if method.startswith("zo") else run_peer
+                    x, n = runner(problem, budget, method)
+                    walls.append(time.perf_counter() - t0)
+                    rels.append(problem.value(x) / f0)
+                    used.append(n)
+                    if max(used) > budget:
+                        raise RuntimeError(f"{method} used {max(used)} > {budget} evaluations")
+                row = {"function": name, "d": d, "method": method, "budget": budget,
+                       "rel_median": statistics.median(rels), "rel_min": min(rels), "rel_max": max(rels),
+                       "seeds": len(rels), "rel_per_seed": rels, "wall_s_median": statistics.median(walls), "evals_used": used}
+                rows.append(row)
+                print(f"d={d:<5} {name:<13} {method:<12} rel {row['rel_median']:.3e} "
+                      f"[{row['rel_min']:.2e}, {row['rel_max']:.2e}]  {row['wall_s_median']:6.2f} s  "
+                      f"evals {max(used)}/{budget}", flush=True)
+    return rows
+
+
+def winners(rows: list[dict]) -> dict:
+    out = {}
+    for d in sorted({r["d"] for r in rows}):
+        for name in FUNCTIONS:
+            cell = [r for r in rows if r["d"] == d and r["function"] == name]
+            if not cell:
+                continue
+            best = min(r["rel_median"] for r in cell)
+            zo = min(r["rel_median"] for r in cell if r["method"].startswith("zo"))
+            peers = [r["rel_median"] for r in cell if not r["method"].startswith("zo")]
+            out[f"{name}@{d}"] = {
+                "best_method": min(cell, key=lambda r: r["rel_median"])["method"],
+                "best_rel": best, "best_zoblackbox_rel": zo, "best_peer_rel": min(peers) if peers else None,
+                # "best of all": within 1% (relative) of the best peer, or better
+                "zoblackbox_best": bool(peers) and zo <= min(peers) * 1.01 + 1e-300}
+    return out
+
+
+def run_cnn(args) -> dict:
+    """NGOpt with --cnn-budget queries vs CGE + Adam at the same queries and the same wall time."""
+    import cge_vs_rge as cvr
+
+    from zoblackbox.schedule import FeatureReuseScheduler
+
+    data = cvr.standardized_digits()
+    problem = cvr.EqualBudgetProblem(data, 0, args.cnn_budget)
+    out = {"params": problem.dim, "budget": args.cnn_budget, "images": cvr.EB_BATCH}
+    ng_res = cvr.run_ngopt(problem, cvr.EB_HPARAMS["ngopt"], args.cnn_budget)
+    out["ngopt"] = {k: ng_res[k] for k in ("acc", "queries", "wall_s", "algorithm")}
+    print(f"CNN  NGOpt          acc {ng_res['acc']:.4f}  {ng_res['queries']:,} queries  {ng_res['wall_s']:.1f} s",
+          flush=True)
+    lr = cvr.EB_HPARAMS["cge_adam"]
+    eq = cvr.run_zo_adam(problem, "cge_adam", lr, args.cnn_budget)
+    out["cge_equal_queries"] = {k: eq[k] for k in ("acc", "queries", "wall_s", "steps")}
+    print(f"CNN  CGE equal q    acc {eq['acc']:.4f}  {eq['queries']:,} queries  {eq['wall_s']:.1f} s", flush=True)
+    limit = ng_res["wall_s"]
+    oracle = problem.oracle(None)
+    t0 = time.perf_counter()
+    res = minimize(oracle, problem.x0, estimator=CoordinateEstimator(mu=cvr.MU), optimizer="adam", lr=lr,
+                   budget=10**9, scheduler=FeatureReuseScheduler(),
+                   callback=lambda r: time.perf_counter() - t0 > limit - 0.5)
+    wall = time.perf_counter() - t0
+    m = problem.metrics(res.x)
+    out["cge_equal_wall"] = {"acc": m["acc"], "queries": oracle.nfev, "wall_s": wall, "steps": res.nit, "lr": lr}
+    print(f"CNN  CGE equal wall acc {m['acc']:.4f}  {oracle.nfev:,} queries  {wall:.1f} s ({res.nit} steps)",
+          flush=True)
+    out["cge_beats_ngopt_in_less_wall_time"] = m["acc"] > ng_res["acc"] and wall <= limit
+    return out
+
+
+def plot(result: dict, name: str) -> None:
+    dims = sorted({r["d"] for r in result["rows"]})
+    fig, axes = new_figure(ncols=len(FUNCTIONS), width=4.2, height=3.8)
+    colors = dict(zip(METHODS, ("#4c72b0", "#64b5cd", "#8172b2", "#55a868", "#dd8452", "#c44e52", "#937860")))
+    for ax, fname in zip(axes, FUNCTIONS):
+        for method in METHODS:
+            rows = sorted((r for r in result["rows"] if r["function"] == fname and r["method"] == method),
+                          key=lambda r: r["d"])
+            if not rows:
+                continue
+            ys = [max(r["rel_median"], 1e-16) for r in rows]
+            ax.plot([r["d"] for r in rows], ys, marker="o", color=colors[method], label=method,
+                    lw=2.2 if method.startswith("zo") else 1.2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(dims, [str(d) for d in dims])
+        ax.set_title(fname, fontsize=10)
+        ax.set_xlabel("dimension d")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("f(x_final) / f(x0), median of seeds")
+    fig.suptitle(f"equal budgets: min({result['evals_per_dim']} d, {result['max_evals']:,}) evaluations per run",
+                 fontsize=10)
+    axes[0].legend(fontsize=7, loc="lower left")
+    save_figure(fig, name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="d = 10 and 100, 1 seed, no CNN part")
+    ap.add_argument("--dims", type=positive_int, nargs="+", default=None, help="dimensions (default 10 100 1000)")
+    ap.add_argument("--seeds", type=positive_int, default=None, help="seeds per cell (default 5; quick 1)")
+    ap.add_argument("--evals-per-dim", type=positive_int, default=100, help="budget = this x d (default 100)")
+    ap.add_argument("--max-evals", type=positive_int, default=20_000, help="cap of the budget (default 20,000)")
+    ap.add_argument("--seeds-large", type=positive_int, default=2, help="seeds at d >= 1000 (default 2)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--no-cnn", action="store_true", help="skip the digits CNN part")
+    ap.add_argument("--cnn-budget", type=positive_int, default=30_000, help="NGOpt's queries on the CNN")
+    ap.add_argument("--threads", type=positive_int, default=1)
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--name", default="peers_bbo")
+    ap.add_argument("--out-dir", type=Path, default=_common.RESULTS)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    args.dims = args.dims or ([10, 100] if args.quick else [10, 100, 1000])
+    args.seeds = args.seeds or (1 if args.quick else 5)
+    _common.RESULTS = args.out_dir
+    set_threads(args.threads)
+    warn_if_busy()
+    t0 = time.perf_counter()
+    rows = run_functions(args)
+    result = {"benchmark": "peers_bbo",
+              "command": " ".join(["python benchmarks/peers_bbo.py", *(argv if argv is not None else sys.argv[1:])]),
+              "evals_per_dim": args.evals_per_dim, "max_evals": args.max_evals, "seeds": args.seeds,
+              "seeds_large": args.seeds_large, "noise_sd": NOISE, "zoblackbox_settings": ZO_BEST,
+              "rows": rows,
+              "winners": winners(rows)}
+    if not (args.quick or args.no_cnn):
+        result["cnn"] = run_cnn(args)
+    result["wall_s"] = time.perf_counter() - t0
+    result["machine"] = machine_info()
+    path = write_json(args.name, result)
+    if not args.no_plot:
+        plot(result, args.name)
+    print()
+    for key, w in result["winners"].items():
+        peer = "-" if w["best_peer_rel"] is None else f"{w['best_peer_rel']:.2e}"
+        print(f"{key:<20} best {w['best_method']:<12} zoblackbox {w['best_zoblackbox_rel']:.2e}  best peer "
+              f"{peer}  -> {'zoblackbox best' if w['zoblackbox_best'] else 'a peer is better'}")
+    print(f"\nwrote {path} ({result['wall_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
