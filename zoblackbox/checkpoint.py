@@ -153,6 +153,6 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict, 
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
         raise CheckpointError(f"refusing to load {pt}: it holds objects other than tensors and plain containers ({exc})") from exc
-    except Exception as exc:  # noqa: BLE001 - any other failure of the unpickler on a payload it cannot read
+    except Exception as exc:  # any other failure of the unpickler on a payload it cannot read
         raise CheckpointError(f"{pt} is not a readable checkpoint payload: {type(exc).__name__}: {exc}") from exc
     return state, meta

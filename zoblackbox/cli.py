@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(train, {k: None for k in DEMO_DEFAULTS})
     train.set_defaults(threads=None)
     _add_certify_parser(sub)
+    from .cli_pde import register as register_pde
+
+    register_pde(sub)  # zoblackbox pde: its parser sets args.handler
     return parser
 
 
@@ -407,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return {"demo": cmd_demo, "train": cmd_train, "certify": cmd_certify}[args.command](args)
+        return (getattr(args, "handler", None)
+                or {"demo": cmd_demo, "train": cmd_train, "certify": cmd_certify}[args.command])(args)
     except ZOError as exc:
         print(f"zoblackbox: error: {exc}", file=sys.stderr)
         return 2

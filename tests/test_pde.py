@@ -1,0 +1,327 @@
+"""The PhiFlow adapter: a real PhiFlow solver as a black box, the solver-in-the-loop oracle, the
+scenarios' bad-input rules, and the ``zoblackbox pde`` command (small sizes; float64, 1 thread)."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("phi", reason="the pde extra (phiflow) is not installed")
+
+from zoblackbox import CoordinateEstimator, OracleError, RandomEstimator
+from zoblackbox.adapters.burgers import Burgers1D, BurgersConfig, burgers_datasets
+from zoblackbox.adapters.phiflow import (
+    DEFAULT_MU,
+    CorrectionCNN,
+    PhiFlowStep,
+    SimulationSet,
+    SolverInTheLoopOracle,
+    default_estimator,
+    require_phiflow,
+    rollout_mae,
+    semi_lagrangian_1d,
+    train_non,
+    train_zo_sol,
+)
+from zoblackbox.errors import ConfigError, MissingDependencyError
+from zoblackbox.schedule import SerialScheduler
+
+SMALL = BurgersConfig(warmup=5, steps=24)
+
+
+@pytest.fixture(scope="module")
+def burgers():
+    """Two training and one test simulation of 24 steps, the real scenario's physics."""
+    train, test = burgers_datasets(SMALL, n_train=2, n_test=1, seed=0)
+    return PhiFlowStep(SMALL.solver()), train, test
+
+
+def _net(seed=0, activation="relu"):
+    torch.manual_seed(seed)
+    return CorrectionCNN(2, 1, hidden=(4, 4), kernel_size=5, activation=activation)
+
+
+def _grid(values, length=32.0):
+    from phi import math as pm
+    from phi.flow import Box, CenteredGrid
+    from phi.math import batch, extrapolation, spatial
+
+    return CenteredGrid(pm.wrap(values, batch("b"), spatial("x")), extrapolation.PERIODIC, bounds=Box(x=length))
+
+
+# --------------------------------------------------------------------------- dependency
+def test_missing_phiflow_names_the_pde_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "phi", None)  # import phi -> ImportError
+    with pytest.raises(MissingDependencyError, match=r"zoblackbox\[pde\]"):
+        require_phiflow()
+
+
+# --------------------------------------------------------------------------- the 1-D advection workaround
+def test_phiflow_torch_1d_semi_lagrangian_is_still_broken():
+    """Why the workaround exists: PhiFlow's own 1-D semi-Lagrangian step fails on torch."""
+    from phi import math as pm
+    from phi.flow import advect
+    from phi.math import channel
+
+    u = _grid(torch.randn(2, 32, dtype=torch.float64))
+    velocity = u.with_values(pm.expand(u.values, channel(vector="x")))
+    try:
+        advect.semi_lagrangian(u, velocity, 0.1)
+    except RuntimeError as exc:
+        assert "grid_sample" in str(exc) or "dimensions" in str(exc)
+    else:
+        pytest.skip("this PhiFlow advects 1-D grids on torch; semi_lagrangian_1d is no longer needed")
+
+
+def test_semi_lagrangian_1d_matches_phiflow_on_numpy():
+    from phi import math as pm
+    from phi.flow import advect
+    from phi.math import backend, channel
+
+    g = torch.Generator().manual_seed(0)
+    values = 4 * torch.randn(3, 32, generator=g, dtype=torch.float64)
+    for dt in (0.1, 0.7, 3.0):  # displacements below one cell and across several cells
+        with backend.NUMPY, pm.precision(64):
+            u = _grid(values.numpy())
+            velocity = u.with_values(pm.expand(u.values, channel(vector="x")))
+            expected = advect.semi_lagrangian(u, velocity, dt).values.numpy("b,x")
+        with pm.precision(64):
+            got = semi_lagrangian_1d(_grid(values), _grid(values), dt).values.native("b,x")  # torch backend
+        assert isinstance(got, torch.Tensor)
+        torch.testing.assert_close(got, torch.as_tensor(expected), rtol=0, atol=1e-12)
+
+
+def test_semi_lagrangian_1d_is_differentiable_on_torch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 32, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def f(v):
+        from phi import math as pm
+
+        with pm.precision(64):
+            return semi_lagrangian_1d(_grid(v), _grid(v), 0.3).values.native("b,x")
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6)
+
+
+def test_semi_lagrangian_1d_keeps_a_diverged_row_in_its_row():
+    values = torch.randn(3, 32, dtype=torch.float64)
+    values[1, 5] = math.nan
+    values[2, 7] = math.inf
+    out = semi_lagrangian_1d(_grid(values), _grid(values), 0.1).values.native("b,x")
+    assert torch.isfinite(out[0]).all()
+    assert not torch.isfinite(out[1]).all() and not torch.isfinite(out[2]).all()
+    clean = semi_lagrangian_1d(_grid(values[:1]), _grid(values[:1]), 0.1).values.native("b,x")
+    assert torch.equal(out[:1], clean)
+
+
+# --------------------------------------------------------------------------- solver and bad inputs
+def test_explicit_diffusion_past_its_limit_is_refused():
+    with pytest.raises(ConfigError, match=r"nu\*dt/dx\^2 = 0.8 .* > 0.5.*substeps >= 2"):
+        Burgers1D(n=128, nu=0.5, dt=0.1, diffusion="explicit")
+    ok = Burgers1D(n=128, nu=0.5, dt=0.1, diffusion="explicit", substeps=2)
+    assert ok.diffusion_number == pytest.approx(0.4)
+
+
+def test_diffusion_schemes_agree(burgers):
+    """Fourier (default), implicit CG and explicit diffusion step the same state alike."""
+    _, train, _ = burgers
+    s, a = train.states[:, 3], train.aux[:, 3]
+    outs = {d: PhiFlowStep(Burgers1D(diffusion=d), jit=False)(s, a) for d in ("fourier", "implicit", "explicit")}
+    assert (outs["fourier"] - outs["implicit"]).abs().max() < 1e-3
+    assert (outs["fourier"] - outs["explicit"]).abs().max() < 1e-3
+
+
+def test_unstable_cfl_and_mismatched_resolutions_are_refused(burgers):
+    with pytest.raises(ConfigError, match="CFL"):
+        burgers_datasets(BurgersConfig(warmup=0, steps=2, init_amplitude=30.0), n_train=1, n_test=1)
+    with pytest.raises(ConfigError, match="mismatched resolutions"):
+        BurgersConfig(n_ref=100, n_src=32)
+    step, train, _ = burgers
+    fine = PhiFlowStep(SMALL.solver("reference"))
+    with pytest.raises(ConfigError, match=r"mismatched resolutions.*\(1, 32\).*\(1, 128\)"):
+        SolverInTheLoopOracle(fine, _net(), train)
+    with pytest.raises(ConfigError, match=r"state must have shape \(B, 1, 32\)"):
+        step(torch.zeros(2, 1, 16, dtype=torch.float64), torch.zeros(2, 1, 16, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="unroll must be an int >= 1 and <= the data's 24 steps"):
+        SolverInTheLoopOracle(step, _net(), train, unroll=25)
+    with pytest.raises(ConfigError, match="network maps 3 -> 1"):
+        SolverInTheLoopOracle(step, CorrectionCNN(3, 1), train)
+
+
+# --------------------------------------------------------------------------- batching
+@pytest.mark.parametrize("rank, padding", [(1, "circular"), (2, "replicate"), (2, "zeros")])
+def test_batched_network_equals_the_module(rank, padding):
+    torch.manual_seed(0)
+    net = CorrectionCNN(3, 2, hidden=(4,), spatial_rank=rank, padding_mode=padding).double()
+    P = net.get_params()[None] + 0.1 * torch.randn(5, net.layout.dim, dtype=torch.float64)
+    x = torch.randn(5, 3, 3, *((12,) if rank == 1 else (7, 9)), dtype=torch.float64)
+    out = net.batched(P, x)
+    for k in range(5):
+        net.set_params(P[k])
+        torch.testing.assert_close(out[k], net(x[k]), rtol=0, atol=1e-13)
+
+
+def test_losses_do_not_depend_on_how_queries_are_batched(burgers):
+    step, train, _ = burgers
+    net = _net()
+    oracle = SolverInTheLoopOracle(step, net, train, unroll=4, batch_size=3, seed=0)
+    x = oracle.get_params()
+    X = x + 1e-2 * torch.randn(7, x.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    together = oracle.evaluate(X)
+    one_by_one = torch.cat([oracle.evaluate(X[i:i + 1]) for i in range(7)])
+    chunked = torch.cat([oracle.evaluate(X[:2]), oracle.evaluate(X[2:])])
+    torch.testing.assert_close(one_by_one, together, rtol=1e-12, atol=0)
+    torch.testing.assert_close(chunked, together, rtol=1e-12, atol=0)
+    assert oracle.nfev == 21
+    # a whole CGE estimate: one batched solver call per unrolled step vs the serial reference
+    coords = torch.arange(0, x.numel(), 7)
+    calls = step.calls
+    batched = default_estimator().estimate(oracle, x, coords=coords)
+    assert step.calls - calls == 4
+    serial = default_estimator().estimate(oracle, x, coords=coords, scheduler=SerialScheduler())
+    torch.testing.assert_close(batched.grad, serial.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_jit_and_plain_solver_agree_with_gradients(burgers):
+    _, train, _ = burgers
+    s = train.states[:, 2].clone().requires_grad_(True)
+    a = train.aux[:, 2]
+    grads = []
+    for jit in (True, False):
+        out = PhiFlowStep(SMALL.solver(), jit=jit)(s, a, autodiff=True)
+        (g,) = torch.autograd.grad(out.pow(2).sum(), s)
+        grads.append((out.detach(), g))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-13)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- finite-difference step
+def test_forward_cge_is_biased_at_mu_1e_3_and_1e_4_and_the_default_is_not(burgers):
+    """The adapter's documented default (forward, mu=1e-6, float64). At a NON-trained point the
+    loss is ~3e-5 and its gradient tiny next to its curvature: forward differences at mu=1e-3 and
+    1e-4 point away from the autograd gradient; mu=1e-6 and central differences match it."""
+    step, train, _ = burgers
+    net = _net()
+    non = train_non(step, net, train, steps=150, batch_size=16, lr=3e-3, seed=0)
+    oracle = SolverInTheLoopOracle(step, net, train, unroll=8, batch_size=2, seed=0)
+    x = non.params
+    X = x.clone().requires_grad_(True)
+    (exact,) = torch.autograd.grad(oracle.losses(X[None], autodiff=True)[0], X)
+
+    def compare(est):
+        g = est.estimate(oracle, x).grad
+        return float((g - exact).norm() / exact.norm()), float(g @ exact / (g.norm() * exact.norm()))
+
+    assert default_estimator().mu == DEFAULT_MU == 1e-6 and default_estimator().scheme == "forward"
+    for mu in (1e-3, 1e-4):
+        rel, cos = compare(CoordinateEstimator(mu=mu))
+        assert rel > 1 and cos < 0, (mu, rel, cos)
+    rel, cos = compare(default_estimator())
+    assert rel < 0.05 and cos > 0.999, (rel, cos)
+    for mu in (1e-3, 1e-4):
+        rel, cos = compare(CoordinateEstimator(mu=mu, scheme="central"))
+        assert rel < 0.01, (mu, rel)
+
+
+# --------------------------------------------------------------------------- failures and training
+def test_a_diverging_rollout_is_handled_by_the_failure_policy(burgers):
+    step, train, _ = burgers
+    net = _net()
+    x = net.get_params().double()
+    blowup = x.clone()
+    blowup[net.layout.slice("layers.2.bias")] = 1e300  # the correction overflows to inf at once
+    X = torch.stack([x, blowup, x])
+    oracle = SolverInTheLoopOracle(step, net, train, unroll=3, batch_size=2)  # default on_failure="inf"
+    losses = oracle.evaluate(X)
+    assert math.isfinite(losses[0]) and losses[1] == math.inf and losses[0] == losses[2]
+    report = oracle.failure_report()
+    assert report["failed_queries"] == 1 and report["by_kind"] == {"nonfinite": 1}
+    strict = SolverInTheLoopOracle(step, net, train, unroll=3, batch_size=2, on_failure="raise")
+    with pytest.raises(OracleError, match="query #1 returned the non-finite loss"):
+        strict.evaluate(X)
+
+
+def test_zo_sol_counts_queries_and_solver_calls_and_respects_budgets(burgers):
+    step, train, test = burgers
+    net = _net()
+    d = net.layout.dim
+    oracle = SolverInTheLoopOracle(step, net, train, unroll=4, batch_size=1, seed=0)
+    calls = step.calls
+    res = train_zo_sol(oracle, steps=3, lr=1e-3)
+    assert res.steps == 3 and res.queries == 3 * (d + 1) == oracle.nfev
+    assert res.solver_calls == step.calls - calls == 3 * 4  # d + 1 queries share each solver call
+    assert res.solver_rows == 3 * 4 * (d + 1)
+    rge = train_zo_sol(oracle, estimator=RandomEstimator(mu=1e-6, q=10), steps=100, budget=40, lr=1e-3)
+    assert rge.steps == 3 and rge.queries == 33
+    with pytest.raises(ConfigError, match="budget must be an int >= one step's"):
+        train_zo_sol(oracle, steps=1, budget=5)
+    mae, curve = rollout_mae(step, net, res.params, test)
+    assert curve.shape == (24,) and math.isfinite(mae)
+
+
+def test_simulation_set_checks_shapes():
+    with pytest.raises(ConfigError, match="aux must have shape"):
+        SimulationSet(torch.zeros(2, 5, 1, 8), torch.zeros(2, 5, 1, 8))
+
+
+# --------------------------------------------------------------------------- scenario 2
+def test_wake_flow_runs_end_to_end():
+    from zoblackbox.adapters.wake import WakeConfig, downsample_staggered, wake_datasets
+
+    config = WakeConfig(warmup=1, steps=3)
+    train, test = wake_datasets(config, n_train=1, n_test=1, seed=0)
+    assert train.states.shape == (1, 4, 2, 65, 33) and train.aux.shape == (1, 3, 2, 65, 33)
+    assert torch.isfinite(train.states).all() and float(train.states[:, :, 0].mean()) > 0.5  # the inflow
+    step = PhiFlowStep(config.solver("source"))
+    torch.manual_seed(0)
+    net = CorrectionCNN(4, 2, hidden=(2,), kernel_size=3, spatial_rank=2, padding_mode="replicate")
+    oracle = SolverInTheLoopOracle(step, net, train, unroll=2, batch_size=1)
+    x = oracle.get_params()
+    X = torch.stack([x, x + 1e-3])
+    together = oracle.evaluate(X)
+    alone = oracle.evaluate(X[1:])
+    assert torch.isfinite(together).all()
+    torch.testing.assert_close(alone, together[1:], rtol=1e-5, atol=0)  # CG tolerance, not bitwise
+    est = CoordinateEstimator(mu=1e-3, scheme="central").estimate(oracle, x, coords=[0, 5, 60])
+    assert est.nfev == 6 and torch.isfinite(est.grad).all()
+    src_mae, _ = rollout_mae(step, None, None, test)
+    assert 0 < src_mae < 1
+    with pytest.raises(ConfigError, match="mismatched resolutions"):
+        downsample_staggered(torch.zeros(2, 9, 6), 2)
+
+
+# --------------------------------------------------------------------------- command line
+def test_pde_command_writes_results(tmp_path, capsys):
+    from zoblackbox.cli import main
+
+    path = tmp_path / "pde.json"
+    rc = main(["pde", "--scenario", "burgers1d", "--method", "src", "non", "zo-sol", "rge-sol", "--n-train", "2",
+               "--n-test", "1", "--sim-steps", "12", "--warmup", "2", "--non-steps", "20", "--sol-steps", "2",
+               "--unroll", "3", "--q", "8", "--json", str(path)])
+    assert rc == 0
+    data = json.loads(path.read_text())
+    assert set(data["mae"]) == {"src", "non", "zo-sol", "rge-sol"}
+    assert all(math.isfinite(v) for v in data["mae"].values())
+    d = data["methods"]["zo-sol"]["params"]
+    assert data["queries"]["zo-sol"] == 2 * (d + 1)
+    assert data["queries"]["rge-sol"] <= data["queries"]["zo-sol"]
+    assert data["methods"]["zo-sol"]["solver_calls"] == 2 * 3
+    assert "test MAE" in capsys.readouterr().out
+
+
+def test_pde_command_rejects_bad_values(capsys):
+    from zoblackbox.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["pde", "--unroll", "0"])
+    assert info.value.code == 2 and "expected a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pde", "--mu", "-1e-4"])
+    with pytest.raises(SystemExit):
+        main(["pde", "--scenario", "navier"])
+    rc = main(["pde", "--n-train", "1", "--n-test", "1", "--sim-steps", "4", "--warmup", "0", "--unroll", "9",
+               "--method", "src"])
+    assert rc == 2 and "--unroll 9 exceeds the 4 recorded steps" in capsys.readouterr().err
