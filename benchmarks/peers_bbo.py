@@ -41,7 +41,9 @@ zoblackbox CGE + Adam (``FeatureReuseScheduler``) given (a) the same 30,000 quer
 
 Run:  python benchmarks/peers_bbo.py              (see the JSON's wall_s; about 25 min on 2 shared cores)
       python benchmarks/peers_bbo.py --quick      (d = 10 and 100, 1 seed, no CNN: ~3 min)
-Writes benchmarks/results/peers_bbo.json and peers_bbo.png. Needs ``pip install -e '.[bench]'``.
+Writes benchmarks/results/peers_bbo.json (``runs``: every method; ``rows``: one row per problem with
+``zoblackbox``, ``nevergrad``, ``cma`` and ``scipy`` (its best method), ``final_loss`` = the median
+``f(x_final) / f(x0)``) and peers_bbo.png. Needs ``pip install -e '.[bench]'``.
 """
 
 from __future__ import annotations
@@ -211,6 +213,33 @@ def run_functions(args) -> list[dict]:
     return rows
 
 
+SOLVERS = {"zoblackbox": ("zoblackbox",), "nevergrad": ("ngopt",), "cma": ("cma",),
+           "scipy": ("powell", "nelder-mead", "lbfgsb-fd")}
+
+
+def solver_rows(runs: list[dict]) -> list[dict]:
+    """One row per problem: ``{"problem", "dim", "budget", SOLVER: {"final_loss", "wall_s", "method"}}``.
+
+    ``final_loss`` is the median noise-free ``f(x_final) / f(x0)``; ``scipy`` is its best method on
+    that problem (named in ``method``). ``runs`` has every method separately.
+    """
+    out = []
+    for d in sorted({r["d"] for r in runs}):
+        for name in FUNCTIONS:
+            cell = {r["method"]: r for r in runs if r["d"] == d and r["function"] == name}
+            if not cell:
+                continue
+            row = {"problem": name, "dim": d, "budget": next(iter(cell.values()))["budget"]}
+            for solver, methods in SOLVERS.items():
+                have = [cell[m] for m in methods if m in cell]
+                if have:
+                    best = min(have, key=lambda r: r["rel_median"])
+                    row[solver] = {"final_loss": best["rel_median"], "wall_s": best["wall_s_median"],
+                                   "method": best["method"]}
+            out.append(row)
+    return out
+
+
 def winners(rows: list[dict]) -> dict:
     out = {}
     for d in sorted({r["d"] for r in rows}):
@@ -262,12 +291,12 @@ def run_cnn(args) -> dict:
 
 
 def plot(result: dict, name: str) -> None:
-    dims = sorted({r["d"] for r in result["rows"]})
+    dims = sorted({r["d"] for r in result["runs"]})
     fig, axes = new_figure(ncols=len(FUNCTIONS), width=4.2, height=3.8)
     colors = dict(zip(METHODS, ("#4c72b0", "#64b5cd", "#8172b2", "#55a868", "#dd8452", "#c44e52", "#937860")))
     for ax, fname in zip(axes, FUNCTIONS):
         for method in METHODS:
-            rows = sorted((r for r in result["rows"] if r["function"] == fname and r["method"] == method),
+            rows = sorted((r for r in result["runs"] if r["function"] == fname and r["method"] == method),
                           key=lambda r: r["d"])
             if not rows:
                 continue
@@ -318,7 +347,7 @@ def main(argv=None) -> dict:
               "command": " ".join(["python benchmarks/peers_bbo.py", *(argv if argv is not None else sys.argv[1:])]),
               "evals_per_dim": args.evals_per_dim, "max_evals": args.max_evals, "seeds": args.seeds,
               "seeds_large": args.seeds_large, "noise_sd": NOISE, "zoblackbox_settings": ZO_BEST,
-              "rows": rows,
+              "runs": rows, "rows": solver_rows(rows),
               "winners": winners(rows)}
     if not (args.quick or args.no_cnn):
         result["cnn"] = run_cnn(args)
