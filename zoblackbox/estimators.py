@@ -15,6 +15,7 @@ Nesterov & Spokoiny 2017 and Duchi et al. 2015 (Gaussian and spherical smoothing
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -115,7 +116,18 @@ class Estimator(ABC):
     def num_queries(self, dim: int, n_coords: int | None = None) -> int:
         """Queries one estimate costs for a ``dim``-vector (``n_coords`` estimated coordinates)."""
 
-    def estimate(self, oracle, x, coords=None, scheduler=None) -> Estimate:
+    @property
+    def queries_base(self) -> bool:
+        """Whether the estimator's plans query the base point (forward schemes): only those can
+        use a known ``f0`` in :meth:`estimate`."""
+        return True
+
+    def noise_gain(self) -> float | None:
+        """Standard deviation of one gradient coordinate per unit standard deviation of i.i.d.
+        loss noise, where the estimator can say (``None`` otherwise)."""
+        return None
+
+    def estimate(self, oracle, x, coords=None, scheduler=None, f0: float | None = None) -> Estimate:
         """Estimate the gradient of ``oracle`` at ``x``.
 
         Args:
@@ -124,6 +136,10 @@ class Estimator(ABC):
             coords: indices (or a boolean mask) of the coordinates to estimate; ``None`` = all.
             scheduler: evaluates the plan (``scheduler.run(oracle, plan)``); default: the
                 oracle's own ``evaluate_plan``.
+            f0: the loss at ``x`` when the caller already has it (e.g. from a line search): a
+                plan that includes the base point then skips that query and uses ``f0``, so a
+                forward-difference estimate costs one query less. Ignored by schemes that do not
+                query the base point (central, antithetic).
         """
         if not isinstance(oracle, Oracle):
             raise TypeError(f"oracle must be a zoblackbox Oracle, got {type(oracle).__name__}: {short_repr(oracle)}")
@@ -132,11 +148,23 @@ class Estimator(ABC):
                             f"{short_repr(scheduler)}")
         x = as_vector(x, dim=oracle.dim, dtype=oracle.dtype)
         # the budget is checked before the plan is built: a plan too large for it is never allocated
+        if f0 is not None and (isinstance(f0, bool) or not isinstance(f0, (int, float, np.floating, np.integer))
+                               or math.isnan(f0)):
+            raise ConfigError(f"f0 must be a number (the loss at x) or None, got {f0!r}")
         n_coords = None if coords is None else int(_check_coords(coords, oracle.dim, x.device).shape[0])
-        oracle.reserve(self.num_queries(oracle.dim, n_coords))
+        n_queries = self.num_queries(oracle.dim, n_coords)
+        oracle.reserve(n_queries - (f0 is not None))
         plan = self.plan(x, coords)
+        if f0 is not None and not plan.include_base:  # only a plan that queries the base point can use f0
+            f0 = None
+            oracle.reserve(n_queries)
         before = oracle.nfev
-        losses = scheduler.run(oracle, plan) if scheduler is not None else oracle.evaluate_plan(plan)
+        if f0 is None:
+            losses = scheduler.run(oracle, plan) if scheduler is not None else oracle.evaluate_plan(plan)
+        else:  # the same plan without its base query; f0 stands for it
+            rest = dataclasses.replace(plan, include_base=False)
+            rest_losses = scheduler.run(oracle, rest) if scheduler is not None else oracle.evaluate_plan(rest)
+            losses = torch.cat([torch.tensor([float(f0)], dtype=torch.float64), rest_losses.to(torch.float64)])
         est = self.combine(plan, losses)
         est.nfev = oracle.nfev - before
         return est
@@ -163,6 +191,15 @@ class CoordinateEstimator(Estimator):
 
     def __repr__(self) -> str:
         return f"CoordinateEstimator(mu={self.mu}, scheme={self.scheme!r})"
+
+    @property
+    def queries_base(self) -> bool:
+        return self.scheme == "forward"
+
+    def noise_gain(self) -> float:
+        """Standard deviation of one gradient coordinate per unit standard deviation of the loss
+        noise: ``sqrt(2) / mu`` (forward), ``1 / (sqrt(2) mu)`` (central)."""
+        return math.sqrt(2) / self.mu if self.scheme == "forward" else 1 / (math.sqrt(2) * self.mu)
 
     def num_queries(self, dim: int, n_coords: int | None = None) -> int:
         n = dim if n_coords is None else n_coords
@@ -290,6 +327,10 @@ class RandomEstimator(Estimator):
                         if v is not None)
         return (f"RandomEstimator(mu={self.mu}, q={self.q}, directions={self.directions!r}, "
                 f"antithetic={self.antithetic}{extra})")
+
+    @property
+    def queries_base(self) -> bool:
+        return not self.antithetic
 
     def num_queries(self, dim: int, n_coords: int | None = None) -> int:
         return 2 * self.q if self.antithetic else self.q + 1

@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import BudgetExhaustedError, ConfigError
 from .estimators import CoordinateEstimator, Estimate, Estimator, RandomEstimator, StepUnderflow
+from .lbfgs import check_lbfgs_kwargs, minimize_lbfgs
 from .oracle import Oracle, as_vector
 
 __all__ = ["OPTIMIZERS", "SignSGD", "ZOGradient", "make_optimizer", "minimize"]
@@ -100,7 +101,7 @@ def minimize(
     *,
     estimator: Estimator | str = "auto",
     optimizer: str | type = "adam",
-    lr: float = 1e-2,
+    lr: float | None = None,
     budget: int | None = None,
     maxiter: int | None = None,
     callback: Callable[[OptimizeResult], bool | None] | None = None,
@@ -121,7 +122,7 @@ def minimize(
             (``estimator.num_queries(dim)`` queries; the estimator must query the base point, e.g.
             forward-difference CGE). It suits smooth, noise-free targets; an iteration is then one
             L-BFGS iteration, and the returned point is the best one the run evaluated.
-        lr: learning rate.
+        lr: learning rate; default ``1e-2``, and ``1`` (the quasi-Newton step) for ``"lbfgs"``.
         budget: maximum queries this run may spend (exact, retries included). Each iteration
             costs ``estimator.num_queries(dim)``; one more query is kept for the value at the
             returned point, so ``budget`` must be at least that cost + 1.
@@ -173,14 +174,29 @@ def minimize(
                         f"{optimizer_kwargs!r}")
 
     budget = None if budget is None else int(budget)
-    param = nn.Parameter(x)
-    is_lbfgs = (optimizer.lower() == "lbfgs" if isinstance(optimizer, str)
-                else isinstance(optimizer, type) and issubclass(optimizer, torch.optim.LBFGS))
     kwargs = dict(optimizer_kwargs or {})
+    native_lbfgs = isinstance(optimizer, str) and optimizer.lower() == "lbfgs"
+    if lr is None:
+        lr = 1.0 if native_lbfgs else 1e-2
+    if native_lbfgs:
+        _check_lr(lr)
+        options = check_lbfgs_kwargs(kwargs)
+        own_budget = oracle.budget
+        if budget is not None:  # the run's budget binds every query, retries included
+            limit = oracle.nfev + budget
+            oracle.budget = limit if own_budget is None else min(own_budget, limit)
+        try:
+            return minimize_lbfgs(oracle, x, estimator=estimator, lr=lr, budget=budget, maxiter=maxiter,
+                                  callback=callback, scheduler=scheduler, options=options)
+        finally:
+            oracle.budget = own_budget
+    param = nn.Parameter(x)
+    is_lbfgs = isinstance(optimizer, type) and issubclass(optimizer, torch.optim.LBFGS)
     if is_lbfgs:
-        if not estimator.plan(x).include_base:
-            raise ConfigError(f"optimizer='lbfgs' needs the loss at x from each estimate; {estimator!r} does not "
-                              "query the base point (use forward differences, e.g. CoordinateEstimator())")
+        if not estimator.queries_base:
+            raise ConfigError(f"torch.optim.LBFGS needs the loss at x from each estimate; {estimator!r} does not "
+                              "query the base point (use forward differences, e.g. CoordinateEstimator(), or "
+                              "optimizer='lbfgs')")
         kwargs.setdefault("line_search_fn", "strong_wolfe")
         kwargs.setdefault("max_iter", 2**31 - 1)
         kwargs.setdefault("max_eval", 2**31 - 1)
