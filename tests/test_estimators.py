@@ -206,3 +206,57 @@ def test_ars_option_errors_name_the_value():
     with pytest.raises(ConfigError, match="'ranks'"):
         RandomEstimator(fitness_shaping="ranks")
     assert "top_b=2" in repr(RandomEstimator(q=4, antithetic=True, top_b=2))
+
+
+@pytest.mark.parametrize("scheduler", [None, SerialScheduler()])
+def test_a_known_f0_replaces_the_base_query(quadratic, scheduler):
+    f, *_ = quadratic
+    d = quadratic[2]
+    x = torch.linspace(-1, 1, d, dtype=torch.float64)
+    seen = []
+
+    def counted(v):
+        seen.append(v.clone())
+        return f(v)
+
+    full = CoordinateEstimator(mu=1e-4).estimate(_oracle(f, d), x, scheduler=scheduler)
+    oracle = _oracle(counted, d)
+    est = CoordinateEstimator(mu=1e-4).estimate(oracle, x, scheduler=scheduler, f0=f(x))
+    assert est.nfev == oracle.nfev == len(seen) == d  # one query fewer than the d + 1 of forward CGE
+    assert not any(torch.equal(v, x) for v in seen)  # the base point itself was never queried
+    assert torch.equal(est.grad, full.grad) and est.f0 == full.f0
+    # a wrong f0 is used as given (it is the caller's measurement): every difference shifts by it
+    off = CoordinateEstimator(mu=1e-4).estimate(_oracle(f, d), x, f0=f(x) + 1e-4)
+    assert torch.allclose(off.grad, full.grad - 1.0, atol=1e-6)
+
+
+def test_f0_is_ignored_by_schemes_without_a_base_query_and_checked(quadratic):
+    f, _, d, *_ = quadratic
+    x = torch.zeros(d, dtype=torch.float64)
+    for est in (CoordinateEstimator(scheme="central"), RandomEstimator(q=3, antithetic=True, seed=1)):
+        oracle = _oracle(f, d)
+        out = est.estimate(oracle, x, f0=123.0)
+        assert out.f0 is None and out.nfev == oracle.nfev == est.num_queries(d)
+        assert not est.queries_base
+    rge = RandomEstimator(q=3, seed=1)
+    assert rge.queries_base and rge.estimate(_oracle(f, d), x, f0=f(x)).nfev == 3
+    for bad in ("1.0", float("nan"), True, [1.0]):
+        oracle = _oracle(f, d)
+        with pytest.raises(ConfigError, match=re.escape(f"got {bad!r}")):
+            CoordinateEstimator().estimate(oracle, x, f0=bad)
+        assert oracle.nfev == 0
+
+
+def test_noise_gain_is_the_standard_deviation_of_a_coordinate_estimate():
+    """``noise_gain()`` times the loss noise is the spread of one CGE coordinate, measured."""
+    gen = torch.Generator().manual_seed(3)
+
+    def noisy(x):
+        return float((x**2).sum() + 0.1 * torch.randn((), generator=gen, dtype=torch.float64))
+
+    x = torch.zeros(4, dtype=torch.float64)
+    for est in (CoordinateEstimator(mu=0.5), CoordinateEstimator(mu=0.5, scheme="central")):
+        grads = torch.stack([est.estimate(_oracle(noisy, 4), x).grad for _ in range(400)])
+        measured = float(grads[:, 0].std())
+        assert measured == pytest.approx(0.1 * est.noise_gain(), rel=0.12)
+    assert RandomEstimator(q=2).noise_gain() is None

@@ -270,6 +270,47 @@ def test_minimize_never_exceeds_its_budget_and_reports_the_real_count(scheduler_
                        local_scheduler(scheduler_name, max_chunk), seed)
 
 
+@settings(PROFILE, max_examples=120)
+@given(scheduler_name=st.sampled_from(["oracle", "serial", "vectorized", "reuse"]), max_chunk=st.integers(1, 5),
+       noise=st.sampled_from([0.0, 0.0, 0.05]), max_ls=st.integers(1, 4),
+       **{k: v for k, v in minimize_cases.items() if k not in ("optimizer", "lr")})
+def test_lbfgs_never_exceeds_its_budget_and_reports_the_real_count(scheduler_name, max_chunk, noise, max_ls, dim,
+                                                                   estimator, policy, failure, budget,
+                                                                   oracle_budget, maxiter, seed):
+    """``optimizer="lbfgs"`` spends queries on line-search trials, gradients without their base
+    query and (with ``noise``) one for the averaged point: the same budget properties hold."""
+    with tempfile.TemporaryDirectory() as directory:
+        fn = Counted(directory, **failure)
+        step_cost = estimator.num_queries(dim)
+        budget, oracle_budget = (b[0] * step_cost + b[1] if isinstance(b, tuple) else b
+                                 for b in (budget, oracle_budget))
+        oracle = FunctionOracle(fn, dim, vectorized=failure["vectorized"], budget=oracle_budget, on_failure=policy,
+                                dtype=torch.float64)
+        x0 = np.random.default_rng(seed).uniform(-1, 1, size=dim)
+        try:
+            res = minimize(oracle, x0, estimator=estimator, optimizer="lbfgs", budget=budget, maxiter=maxiter,
+                           scheduler=local_scheduler(scheduler_name, max_chunk),
+                           optimizer_kwargs={"noise": noise, "max_ls": max_ls})
+        except ConfigError:
+            assert fn.count() == 0 and (budget is None and maxiter is None or budget is not None)
+            return
+        except OracleError:
+            assert _action(policy) == "raise"
+            res = None
+        calls = fn.count()
+        assert oracle.nfev == calls
+        assert budget is None or calls <= budget, f"{calls} queries for a budget of {budget}"
+        assert oracle_budget is None or calls <= oracle_budget
+        if res is None:
+            return
+        assert res.nfev == calls and np.isfinite(res.x).all() and res.x.shape == (dim,)
+        if res.success:
+            assert math.isfinite(res.fun)
+        steps = [h["nfev"] for h in res.history]
+        assert steps == sorted(steps) and all(n <= res.nfev for n in steps)
+        assert maxiter is None or res.nit <= maxiter
+
+
 def test_retries_cannot_spend_the_queries_reserved_for_the_rest_of_the_batch(tmp_path):
     """Regression (found by the properties above): a failing first query retried with the budget
     the rest of its batch had reserved, so the batch overran the oracle's budget."""
