@@ -1,5 +1,6 @@
 """minimize(), the torch.optim bridge and the torch module adapter."""
 
+import itertools
 import re
 
 import numpy as np
@@ -274,7 +275,7 @@ def test_lbfgs_gradient_only_at_accepted_points_and_no_repeated_query():
     assert res.nit <= trials <= 2 * res.nit + 4  # the first search may need a few more to find the scale
     assert [h["nfev"] for h in res.history] == sorted(h["nfev"] for h in res.history)
     fs = [h["f0"] for h in res.history]
-    assert all(b < a for a, b in zip(fs, fs[1:]))  # sufficient decrease at every iteration
+    assert all(b < a for a, b in itertools.pairwise(fs))  # sufficient decrease at every iteration
     assert res.fun == fs[-1] == pytest.approx(float(f(torch.as_tensor(res.x)[None])[0]), rel=1e-12)
 
 
