@@ -36,109 +36,23 @@ for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import argparse
 import collections
-import hashlib
 import json
-import math
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from pathlib import Path
 
 import _common
 import torch
-import torch.nn.functional as F
 from _common import bar_chart, machine_info, new_figure, save_figure, set_threads, warn_if_busy, write_json
 
+from zoblackbox.faults import FAULT_KINDS, Beacon, FaultyLoss, WorkerKiller, injected_counts
+
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("exception", "nonfinite", "timeout")
-
-
-# ---------------------------------------------------------------------------------------------- faults
-class InjectedFault(RuntimeError):
-    """What the faulty black box raises."""
-
-
-class FaultyLoss:
-    """Cross-entropy behind a faulty black box (see the module docstring).
-
-    Decisions hash the model outputs (so the query point), the seed and a per-process call counter,
-    so a retry of a failed point may succeed. Each fault is appended to ``log`` before it happens.
-    """
-
-    def __init__(self, log, *, raise_p=0.05, nonfinite_p=0.05, hang_p=0.01, seed=0):
-        self.log = str(log)
-        self.thresholds = (raise_p, raise_p + nonfinite_p, raise_p + nonfinite_p + hang_p)
-        self.seed, self.calls = seed, 0
-
-    def __call__(self, outputs, targets):
-        loss = F.cross_entropy(outputs, targets)
-        self.calls += 1
-        salt = f"{self.seed}:{self.calls}".encode()[:16]
-        digest = hashlib.blake2b(outputs.detach().cpu().numpy().tobytes(), digest_size=8, salt=salt).digest()
-        u = int.from_bytes(digest, "little") / 2.0 ** 64
-        kind = next((k for k, t in zip(KINDS, self.thresholds) if u < t), None)
-        if kind is None:
-            return loss
-        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"{kind}\n".encode())
-        finally:
-            os.close(fd)
-        if kind == "exception":
-            raise InjectedFault(f"injected fault (u={u:.6f})")
-        if kind == "nonfinite":
-            middle = 0.5 * (self.thresholds[0] + self.thresholds[1])
-            return torch.full_like(loss, math.nan if u < middle else math.inf)
-        time.sleep(60)  # ended by the pool's per-query timeout (SIGALRM in the worker)
-        return loss
-
-
-def injected(log: Path) -> collections.Counter:
-    return collections.Counter(log.read_text().split()) if log.exists() else collections.Counter()
-
-
-class Beacon:
-    """Cross-entropy; the first call in a worker process drops a file named after its pid."""
-
-    def __init__(self, directory):
-        self.directory, self.main_pid, self.announced = str(directory), os.getpid(), False
-
-    def __call__(self, outputs, targets):
-        if not self.announced and os.getpid() != self.main_pid:
-            self.announced = True
-            open(os.path.join(self.directory, f"{os.getpid()}-{uuid.uuid4().hex}"), "w").close()
-        return F.cross_entropy(outputs, targets)
-
-
-class WorkerKiller(threading.Thread):
-    """SIGKILLs a worker as soon as it starts on a step (from step 1, then every ``every`` steps)."""
-
-    def __init__(self, trainer, directory, n, every=2):
-        super().__init__(daemon=True)
-        self.trainer, self.directory, self.n, self.every = trainer, directory, n, every
-        self.kills: list[dict] = []
-        self.pids: set[int] = set()
-        self.finished = threading.Event()
-
-    def run(self):
-        seen, target = set(os.listdir(self.directory)), 1
-        while not self.finished.is_set():
-            new = [name for name in os.listdir(self.directory) if name not in seen]
-            step = self.trainer.global_step  # read after listing: a new beacon is from this step or earlier
-            seen.update(new)
-            self.pids.update(int(name.split("-")[0]) for name in new)
-            if new and step >= target and len(self.kills) < self.n:
-                pid = int(new[0].split("-")[0])
-                os.kill(pid, signal.SIGKILL)
-                self.kills.append({"step": step + 1, "pid": pid, "mid_step": self.trainer.global_step == step})
-                target = step + self.every
-            time.sleep(0.001)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -177,7 +91,7 @@ def policy_runs(split, work: Path, args) -> list[dict]:
             started = time.perf_counter()
             summary = t.fit()
             wall = time.perf_counter() - started
-            inj = injected(out / "injected.txt")
+            inj = injected_counts(out / "injected.txt")
             failures = t.zo.oracle.failures
             handled = collections.Counter()
             for f in failures:
@@ -215,7 +129,7 @@ def raise_run(split, work: Path) -> dict:
         message, index = None, None
     except OracleError as exc:
         message, index = str(exc), exc.query_index
-    inj = injected(out / "injected.txt")
+    inj = injected_counts(out / "injected.txt")
     names = message is not None and message.startswith(f"query #{index} raised InjectedFault")
     print(f"  raise: stopped with {message!r}")
     return {"scenario": "policy raise (default)", "queries": t.queries, "stopped_with_error": message is not None,
@@ -234,7 +148,7 @@ def worker_loss_run(split, work: Path, name: str, scheduler, kills: int) -> dict
     beacons.mkdir()
     t = make_trainer(split, n=512, epochs=1, hidden=8, estimator=CoordinateEstimator(), scheduler=scheduler)
     t.zo.oracle.loss_fn = Beacon(beacons)
-    killer = WorkerKiller(t, beacons, kills)
+    killer = WorkerKiller(t, beacons, n=kills)
     killer.start()
     started = time.perf_counter()
     try:
@@ -245,10 +159,10 @@ def worker_loss_run(split, work: Path, name: str, scheduler, kills: int) -> dict
     wall = time.perf_counter() - started
     identical = same_params(t, reference) and t.queries == reference.queries and not t.zo.oracle.failures
     print(f"  worker loss ({name}): {len(killer.kills)} workers killed at steps "
-          f"{[k['step'] for k in killer.kills]}, {len(killer.pids)} worker processes did work, identical: "
+          f"{[k.step + 1 for k in killer.kills]}, {len(killer.pids)} worker processes did work, identical: "
           f"{identical}, {wall:.1f} s")
     return {"scenario": f"worker loss {name}", "queries": summary["queries"], "steps": summary["steps"],
-            "completed": summary["stop_reason"] == "completed", "kills": killer.kills,
+            "completed": summary["stop_reason"] == "completed", "kills": [{"step": k.step + 1, "pid": k.pid, "mid_step": k.mid_step} for k in killer.kills],
             "worker_processes_seen": len(killer.pids), "identical_to_fault_free": identical,
             "failed_queries": len(t.zo.oracle.failures), "wall_s": round(wall, 2)}
 
@@ -346,7 +260,7 @@ def plot(policies, raised, losses, resumes, totals, name: str) -> Path:
     colors = {"exception": "#c44e52", "nonfinite": "#dd8452", "timeout": "#8172b2"}
     for offset, rows, hatch in ((-0.2, injected_rows, ""), (0.2, handled_rows, "//")):
         bottom = np.zeros(len(labels))
-        for kind in KINDS:
+        for kind in FAULT_KINDS:
             heights = np.array([row.get(kind, 0) for row in rows], dtype=float)
             ax1.bar(xs + offset, heights, 0.38, bottom=bottom, color=colors[kind], hatch=hatch, edgecolor="white",
                     label=kind if offset < 0 else None)

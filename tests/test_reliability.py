@@ -19,9 +19,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -32,6 +30,7 @@ from zoblackbox import CheckpointError, ConfigError, CoordinateEstimator, Oracle
 from zoblackbox.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from zoblackbox.cli import main
 from zoblackbox.data import load_digits_split, make_loader
+from zoblackbox.faults import Beacon, FaultyLoss, WorkerKiller, injected_counts
 from zoblackbox.models import digits_mlp
 from zoblackbox.params import ParamLayout
 from zoblackbox.schedule import ProcessPoolScheduler, SerialScheduler
@@ -83,52 +82,6 @@ def _jsonl(path: Path, drop=("wall_s",)) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- fault injection
-class InjectedFault(RuntimeError):
-    """What the faulty black box raises."""
-
-
-class FaultyLoss:
-    """The digits loss behind a faulty black box.
-
-    Each call raises (probability ``raise_p``), returns NaN or +inf (``nonfinite_p``) or hangs for
-    60 s (``hang_p``), decided by a hash of the model outputs (so of the query point) and, when
-    ``transient``, of a per-process call counter (a retry of the same point may then succeed).
-    Every injected fault is appended to the file ``log`` before it happens, whichever process
-    (test process or pool worker) evaluates the query.
-    """
-
-    def __init__(self, log, *, raise_p=0.05, nonfinite_p=0.05, hang_p=0.01, transient=True, seed=0):
-        self.log = str(log)
-        self.thresholds = (raise_p, raise_p + nonfinite_p, raise_p + nonfinite_p + hang_p)
-        self.transient, self.seed, self.calls = transient, seed, 0
-
-    def __call__(self, outputs, targets):
-        loss = F.cross_entropy(outputs, targets)
-        self.calls += 1
-        salt = f"{self.seed}:{self.calls if self.transient else 0}".encode()[:16]
-        digest = hashlib.blake2b(outputs.detach().cpu().numpy().tobytes(), digest_size=8, salt=salt).digest()
-        u = int.from_bytes(digest, "little") / 2.0 ** 64
-        kind = next((k for k, t in zip(("exception", "nonfinite", "timeout"), self.thresholds) if u < t), None)
-        if kind is None:
-            return loss
-        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"{kind}\n".encode())
-        finally:
-            os.close(fd)
-        if kind == "exception":
-            raise InjectedFault(f"injected fault (u={u:.6f})")
-        if kind == "nonfinite":
-            return torch.full_like(loss, math.nan if u < self.thresholds[0] + 0.5 * (self.thresholds[1] - self.thresholds[0])
-                                   else math.inf)
-        time.sleep(60)  # a hang: only the process pool's per-query timeout (SIGALRM) ends it
-        return loss
-
-
-def _injected(log: Path) -> collections.Counter:
-    return collections.Counter(log.read_text().split()) if log.exists() else collections.Counter()
-
-
 # ---------------------------------------------------------------------------------------------- exact resume
 def _latest_step(directory: Path):
     """The step of the newest complete checkpoint, ``None`` if there is none yet."""
@@ -407,7 +360,7 @@ def test_failure_policies_under_load_complete_and_account_for_every_failure(digi
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="zoblackbox.train"):
         summary = t.fit()
-    injected = _injected(out / "injected.txt")
+    injected = injected_counts(out / "injected.txt")
     failures = t.zo.oracle.failures
 
     assert summary["stop_reason"] == "completed" and summary["steps"] == 16
@@ -463,50 +416,10 @@ def test_default_policy_stops_the_run_naming_the_query(digits, pool, tmp_path, w
     assert any(f"training stopped in step {t.global_step + 1}" in n for n in getattr(err, "__notes__", [""]))
     logged = _jsonl(tmp_path / "failures.jsonl", drop=())
     assert [(r["index"], r["step"], r["message"]) for r in logged] == [(err.query_index, t.global_step + 1, str(err))]
-    assert sum(_injected(tmp_path / "injected.txt").values()) >= 1
+    assert sum(injected_counts(tmp_path / "injected.txt").values()) >= 1
 
 
 # ---------------------------------------------------------------------------------------------- worker loss
-class Beacon:
-    """The digits loss; the first call in a worker process drops a file named after its pid, so
-    the test knows which process is evaluating queries of the current step."""
-
-    def __init__(self, directory):
-        self.directory, self.main_pid, self.announced = str(directory), os.getpid(), False
-
-    def __call__(self, outputs, targets):
-        if not self.announced and os.getpid() != self.main_pid:
-            self.announced = True
-            open(os.path.join(self.directory, f"{os.getpid()}-{uuid.uuid4().hex}"), "w").close()
-        return F.cross_entropy(outputs, targets)
-
-
-class WorkerKiller(threading.Thread):
-    """SIGKILLs a worker process as soon as it starts on a step (from step ``first`` on, then every
-    ``every`` steps) until ``n`` workers are dead; records (step, pid, still in that step)."""
-
-    def __init__(self, trainer, directory, *, n, first=1, every=2):
-        super().__init__(daemon=True)
-        self.trainer, self.directory, self.n, self.first, self.every = trainer, directory, n, first, every
-        self.kills: list[tuple[int, int, bool]] = []
-        self.pids: set[int] = set()
-        self.finished = threading.Event()
-
-    def run(self):
-        seen, target = set(os.listdir(self.directory)), self.first
-        while not self.finished.is_set():
-            new = [name for name in os.listdir(self.directory) if name not in seen]
-            step = self.trainer.global_step  # read after listing: a new beacon is from this step or earlier
-            seen.update(new)
-            self.pids.update(int(name.split("-")[0]) for name in new)
-            if new and step >= target and len(self.kills) < self.n:
-                pid = int(new[0].split("-")[0])
-                os.kill(pid, signal.SIGKILL)
-                self.kills.append((step, pid, self.trainer.global_step == step))
-                target = step + self.every
-            time.sleep(0.001)
-
-
 def _worker_loss_run(digits, tmp_path, scheduler, n_kills):
     reference = _trainer(digits, hidden=8, estimator=CoordinateEstimator())  # in-process, fault-free
     ref_summary = reference.fit()
@@ -589,3 +502,36 @@ def test_resume_refuses_a_malicious_checkpoint(digits, tmp_path, capsys, fmt):
     assert main(["train", "--model", "mlp", "--out", str(out), "--resume", "--no-progress"]) == 2
     assert "refusing to load" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_faulty_loss_injects_logs_and_is_deterministic_per_point(tmp_path):
+    """zoblackbox.faults.FaultyLoss: every kind it draws happens and is logged; without
+    ``transient`` a point's fate never changes, with it a retry of the same point is a new draw."""
+    from zoblackbox.faults import InjectedFault
+
+    outputs, targets = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    log = tmp_path / "log.txt"
+    with pytest.raises(InjectedFault, match="injected fault"):
+        FaultyLoss(log, raise_p=1.0, nonfinite_p=0.0, hang_p=0.0)(outputs, targets)
+    value = FaultyLoss(log, raise_p=0.0, nonfinite_p=1.0, hang_p=0.0)(outputs, targets)
+    assert not torch.isfinite(value)
+    hang = FaultyLoss(log, raise_p=0.0, nonfinite_p=0.0, hang_p=1.0, hang_s=0.01)(outputs, targets)
+    assert hang == pytest.approx(float(F.cross_entropy(outputs, targets)))
+    assert injected_counts(log) == collections.Counter({"exception": 1, "nonfinite": 1, "timeout": 1})
+    assert injected_counts(tmp_path / "none.txt") == collections.Counter()
+
+    def fates(loss, n=40):
+        out = []
+        for _ in range(n):
+            try:
+                out.append(math.isfinite(float(loss(outputs, targets))))
+            except InjectedFault:
+                out.append("raised")
+        return out
+
+    steady = fates(FaultyLoss(tmp_path / "a.txt", raise_p=0.3, nonfinite_p=0.3, hang_p=0.0, transient=False))
+    assert len(set(steady)) == 1  # the same point, the same fate, every time
+    varied = fates(FaultyLoss(tmp_path / "b.txt", raise_p=0.3, nonfinite_p=0.3, hang_p=0.0))
+    assert {True, False, "raised"} <= set(varied)
+    with pytest.raises(ValueError, match=r"got \(0.6, 0.6, 0.0\)"):
+        FaultyLoss(log, raise_p=0.6, nonfinite_p=0.6, hang_p=0.0)
