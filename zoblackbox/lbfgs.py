@@ -16,9 +16,14 @@ this one pays one:
   needed for that), and a direction that is not a descent direction resets the memory;
 * ``noise`` (the standard deviation of one evaluation) relaxes the sufficient-decrease test by
   ``2 * noise`` (Berahas, Byrd & Nocedal, "Derivative-free optimization of noisy functions via
-  quasi-Newton methods", SIAM J. Optim. 2019) and turns on Polyak-Ruppert averaging: once the
-  iterates stop improving by more than the noise, the returned point is the mean of the iterates
-  of that stalled phase, which cancels the gradient noise the single iterates carry.
+  quasi-Newton methods", SIAM J. Optim. 2019); where the predicted decrease is within the noise
+  the first acceptable trial is taken instead of the lowest noisy value. With an estimator that
+  knows its noise gain (CGE: ``sigma_g = noise * estimator.noise_gain()`` per coordinate), curvature
+  pairs whose ``|y|`` is within 3x the noise's ``sqrt(2 d) sigma_g`` are left out of the memory, and
+  Polyak-Ruppert averaging is on: the trailing run of iterates whose gradient estimate is mostly
+  noise (``|g|^2 < 4 d sigma_g^2``) is averaged into the returned point, which cancels the
+  gradient noise each of them carries (one query is kept aside to evaluate it; it is returned
+  unless its loss is clearly, by more than ``3 * noise``, worse than the last iterate's).
 
 Used by :func:`zoblackbox.minimize` with ``optimizer="lbfgs"``.
 """
