@@ -377,3 +377,27 @@ def test_lbfgs_stops_cleanly_on_a_non_finite_start_and_on_the_oracles_own_budget
     small = FunctionOracle(_rosenbrock, 3, vectorized=True, dtype=torch.float64, budget=7)
     res = minimize(small, np.zeros(3), estimator=CoordinateEstimator(mu=1e-6), optimizer="lbfgs", budget=100)
     assert res.nfev == small.nfev <= 7 and "budget" in res.message and np.isfinite(res.x).all()
+
+
+def test_lbfgs_auto_estimator_is_forward_cge_even_under_a_tight_budget():
+    calls = []
+
+    def f(X):
+        calls.append(X.shape[0])
+        return ((X - 0.5) ** 2).sum(1)
+
+    d = 200  # a budget of 2,100 would make "auto" pick RGE (q=20) for Adam
+    res = minimize(FunctionOracle(f, d, vectorized=True, dtype=torch.float64), np.zeros(d), optimizer="lbfgs",
+                   budget=2_100)
+    assert calls[0] == 1 and calls[1] == d  # the loss at x0, then one forward-CGE plan without its base query
+    # at the minimum of the forward-difference model: each coordinate mu / 2 off, f = d (mu / 2)^2
+    assert res.fun == pytest.approx(d * (5e-3 / 2) ** 2, rel=1e-3) and res.nfev <= 2_100
+
+
+def test_results_print_even_without_failures():
+    """scipy's OptimizeResult formatter raises on an empty dict (``failures['by_kind']`` of a clean
+    run); minimize's results print."""
+    for optimizer in ("adam", "lbfgs"):
+        res = minimize(FunctionOracle(lambda x: float((x**2).sum()), 3), np.ones(3), optimizer=optimizer, maxiter=2)
+        text = repr(res)
+        assert "by_kind: {}" in text and "nfev:" in text and res.failures["by_kind"] == {}

@@ -40,6 +40,7 @@ from scipy.optimize import OptimizeResult
 from .errors import BudgetExhaustedError, ConfigError
 from .estimators import Estimate, Estimator, StepUnderflow
 from .oracle import Oracle
+from .result import ZOResult
 
 __all__ = ["LBFGS_DEFAULTS", "minimize_lbfgs"]
 
@@ -219,7 +220,7 @@ def minimize_lbfgs(oracle: Oracle, x: torch.Tensor, *, estimator: Estimator, lr:
         if math.isfinite(f_avg) and f_avg <= fun + 3 * noise:  # not clearly worse than the last iterate
             x_out, fun = x_avg, f_avg
             message += f"; returned the mean of the last {len(stall)} iterates (noise={noise})"
-    return OptimizeResult(
+    return ZOResult(
         x=x_out.to(oracle.dtype).cpu().numpy(), fun=fun, nfev=spent(), nit=state["nit"],
         success=success and math.isfinite(fun), message=message, history=history,
         failures=oracle.failure_report(), wall_time=time.perf_counter() - t0,

@@ -22,6 +22,7 @@ from .errors import BudgetExhaustedError, ConfigError
 from .estimators import CoordinateEstimator, Estimate, Estimator, RandomEstimator, StepUnderflow
 from .lbfgs import check_lbfgs_kwargs, minimize_lbfgs
 from .oracle import Oracle, as_vector
+from .result import ZOResult
 
 __all__ = ["OPTIMIZERS", "SignSGD", "ZOGradient", "make_optimizer", "minimize"]
 
@@ -114,7 +115,8 @@ def minimize(
         oracle: the function to minimize.
         x0: starting point, 1-D of length ``oracle.dim``, finite.
         estimator: gradient estimator; ``"auto"`` (default) picks CGE or RGE from the dimension
-            and the budget (:func:`auto_estimator`).
+            and the budget (:func:`auto_estimator`), and forward CGE for ``"lbfgs"`` (curvature
+            pairs from random-direction estimates would be noise).
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"signsgd"``, ``"lbfgs"`` or a
             ``torch.optim`` class. ``"lbfgs"`` is ``torch.optim.LBFGS`` with a strong-Wolfe line
             search (``lr=1`` is the natural step there) fed with the estimator's gradients: each
@@ -154,7 +156,10 @@ def minimize(
     if budget is not None and not _is_int(budget):
         raise ConfigError(f"budget must be an int, got {budget!r}")
     if isinstance(estimator, str) and estimator == "auto" or estimator is None:
-        estimator = auto_estimator(oracle.dim, None if budget is None else int(budget))
+        if isinstance(optimizer, str) and optimizer.lower() == "lbfgs":  # quasi-Newton needs consistent gradients
+            estimator = CoordinateEstimator()
+        else:
+            estimator = auto_estimator(oracle.dim, None if budget is None else int(budget))
     if not isinstance(estimator, Estimator):
         raise TypeError(f"estimator must be a zoblackbox Estimator or 'auto', got {estimator!r}")
     step_cost = estimator.num_queries(oracle.dim)
@@ -279,7 +284,7 @@ def _minimize_loop(oracle, param, opt, estimator, step_cost, budget, maxiter, ca
     else:
         fun, success = math.nan, False
         message += "; no query left to evaluate the final point"
-    return OptimizeResult(
+    return ZOResult(
         x=x_final.cpu().numpy(), fun=fun, nfev=spent(), nit=nit, success=success and math.isfinite(fun),
         message=message, history=history, failures=oracle.failure_report(),
         wall_time=time.perf_counter() - t0,
@@ -420,7 +425,7 @@ def _minimize_lbfgs(oracle, param, opt, estimator, step_cost, budget, maxiter, c
     else:
         fun, state["success"] = math.nan, False
         state["message"] += "; no query left to evaluate the final point"
-    return OptimizeResult(
+    return ZOResult(
         x=x_final.cpu().numpy(), fun=fun, nfev=spent(), nit=nit(), success=state["success"] and math.isfinite(fun),
         message=state["message"], history=history, failures=oracle.failure_report(),
         wall_time=time.perf_counter() - t0,
