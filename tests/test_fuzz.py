@@ -367,7 +367,7 @@ MINIMIZE_ARGS = ("lr", "budget", "maxiter", "optimizer", "estimator", "callback"
                  "x0")
 GOOD_OPTIMIZERS = st.sampled_from(["sgd", "Adam", "ADAMW", "signsgd", torch.optim.SGD, SignSGD])
 VALID_MINIMIZE = {
-    "lr": is_positive_number,
+    "lr": lambda v: v is None or is_positive_number(v),  # None: the optimizer's default
     "budget": lambda v: v is None or (is_int(v) and v >= 5),  # CGE at dim 3: 4 queries a step + 1
     "maxiter": lambda v: v is None or (is_int(v) and v >= 0),
     "optimizer": lambda v: (isinstance(v, str) and v.lower() in OPTIMIZERS)

@@ -242,6 +242,9 @@ def _line_search(value, x, f, p, dphi0, alpha, c1, noise, max_ls, dtype):
     best_x, best_f = None, math.inf
     for _ in range(max_ls):
         point = (x + alpha * p).to(dtype).to(torch.float64)  # exactly the point the oracle sees
+        if not bool(torch.isfinite(point).all()):  # a step so long that x overflows: shorter, no query
+            alpha *= _SHRINK
+            continue
         if bool(torch.equal(point, x)):
             break  # the step rounds away
         try:
@@ -256,8 +259,10 @@ def _line_search(value, x, f, p, dphi0, alpha, c1, noise, max_ls, dtype):
         if not math.isfinite(fa):
             alpha *= _SHRINK
             continue
-        curv = (fa - f - dphi0 * alpha) / alpha**2
-        ratio = (-dphi0 / (2 * curv) if curv > 0 else math.inf) / alpha
+        curv = (fa - f - dphi0 * alpha) / (alpha * alpha)  # inf/nan (not OverflowError) for huge steps
+        ratio = (-dphi0 / (2 * curv) if curv > 0 else math.inf) / alpha if math.isfinite(curv) else math.nan
+        if math.isnan(ratio):  # no usable model of the line: plain backtracking or expansion
+            ratio = _SHRINK if not ok else _GROW
         if ok and _ACCEPT[0] <= ratio <= _ACCEPT[1]:
             break
         alpha *= min(max(ratio, _SHRINK), _GROW if ok else 0.5)
