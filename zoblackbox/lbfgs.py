@@ -100,7 +100,8 @@ def minimize_lbfgs(oracle: Oracle, x: torch.Tensor, *, estimator: Estimator, lr:
 
     ``budget`` binds every query (the caller has lowered ``oracle.budget`` accordingly). The
     returned ``fun`` is the loss the run measured at the returned ``x`` (no extra query), or, with
-    averaging, the loss at the averaged point (one query, kept aside from the start).
+    averaging, the loss at the averaged point (one query, kept aside from the start). ``history``
+    has an entry for x0 (``nit`` 0) and one for every iterate whose gradient was estimated.
     """
     t0 = time.perf_counter()
     start = oracle.nfev
@@ -204,11 +205,11 @@ def minimize_lbfgs(oracle: Oracle, x: torch.Tensor, *, estimator: Estimator, lr:
             record(est)
             if callback is not None:
                 try:
-                    stop = callback(OptimizeResult(x=x_new.to(oracle.dtype).cpu().numpy(), nit=state["nit"],
+                    halt = callback(OptimizeResult(x=x_new.to(oracle.dtype).cpu().numpy(), nit=state["nit"],
                                                    nfev=spent(), fun=f_new, grad=g_new.cpu().numpy()))
                 except StopIteration:
-                    stop = True
-                if stop:
+                    halt = True
+                if halt:
                     raise _Stop("stopped by the callback")
     except _Stop as stop:
         message, success = stop.message, stop.success
