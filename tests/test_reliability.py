@@ -81,7 +81,6 @@ def _jsonl(path: Path, drop=("wall_s",)) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
 
 
-# ---------------------------------------------------------------------------------------------- fault injection
 # ---------------------------------------------------------------------------------------------- exact resume
 def _latest_step(directory: Path):
     """The step of the newest complete checkpoint, ``None`` if there is none yet."""
@@ -364,7 +363,13 @@ def test_failure_policies_under_load_complete_and_account_for_every_failure(digi
     failures = t.zo.oracle.failures
 
     assert summary["stop_reason"] == "completed" and summary["steps"] == 16
-    assert summary["test_acc"] > 0.3  # chance is 0.1; measured 0.40-0.45 (0.48 without faults)
+    # it learns: the test loss falls and accuracy is above twice chance. Which queries fail depends on
+    # the low bits of the model outputs (the fault draw hashes them), so the training path differs
+    # across CPUs: 0.40-0.45 on one machine, 0.275 on another (fault-free runs of this recipe over 8
+    # RGE seeds: 0.29-0.52)
+    epochs = [r for r in _jsonl(out / "metrics.jsonl") if "test_loss" in r]
+    assert epochs[-1]["test_loss"] < epochs[0]["test_loss"] - 0.1, epochs
+    assert summary["test_acc"] > 0.2
     assert time.monotonic() - started < 60  # each hang was cut at the timeout, not after 60 s
     assert sum(injected.values()) >= 16, injected  # 11% of 336+ queries
     # every failed attempt is a counted query with a record: nothing dropped, nothing invented
