@@ -118,16 +118,20 @@ def minimize(
             and the budget (:func:`auto_estimator`), and forward CGE for ``"lbfgs"`` (curvature
             pairs from random-direction estimates would be noise).
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"signsgd"``, ``"lbfgs"`` or a
-            ``torch.optim`` class. ``"lbfgs"`` is ``torch.optim.LBFGS`` with a strong-Wolfe line
-            search (``lr=1`` is the natural step there) fed with the estimator's gradients: each
-            function-and-gradient evaluation of the line search is one estimate
-            (``estimator.num_queries(dim)`` queries; the estimator must query the base point, e.g.
-            forward-difference CGE). It suits smooth, noise-free targets; an iteration is then one
-            L-BFGS iteration, and the returned point is the best one the run evaluated.
+            ``torch.optim`` class. ``"lbfgs"`` is zoblackbox's L-BFGS for estimated gradients
+            (:mod:`zoblackbox.lbfgs`): line searches on function values only (one query per
+            trial), the gradient estimated only at accepted points, about ``d + 2`` queries per
+            forward-CGE iteration; ``optimizer_kwargs`` ``history_size``, ``max_ls``, ``c1`` and
+            ``noise`` (the evaluation noise's standard deviation, for noisy targets). The class
+            ``torch.optim.LBFGS`` runs torch's L-BFGS with a strong-Wolfe search instead, one
+            estimate per function-and-gradient evaluation (the estimator must query the base point),
+            returning the best point evaluated.
         lr: learning rate; default ``1e-2``, and ``1`` (the quasi-Newton step) for ``"lbfgs"``.
         budget: maximum queries this run may spend (exact, retries included). Each iteration
             costs ``estimator.num_queries(dim)``; one more query is kept for the value at the
-            returned point, so ``budget`` must be at least that cost + 1.
+            returned point, so ``budget`` must be at least that cost + 1 (``"lbfgs"`` reports the
+            value its line search measured at the returned point instead, and keeps a query only
+            to evaluate an averaged point under ``noise``).
         maxiter: maximum iterations.
         callback: ``callback(intermediate_result)`` after every iteration; returning ``True``
             (or raising ``StopIteration``) stops the run cleanly.
