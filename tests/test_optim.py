@@ -83,8 +83,8 @@ def test_bad_x0(quadratic):
     x0[3] = np.nan
     with pytest.raises(ConfigError, match=r"non-finite entries at indices \[3\]"):
         minimize(oracle, x0, maxiter=1)
-    with pytest.raises(TypeError, match="FunctionOracle"):
-        minimize(quadratic[0], x0, maxiter=1)
+    with pytest.raises(TypeError, match="fun must be a callable or a zoblackbox Oracle, got int"):
+        minimize(3, np.zeros(d), maxiter=1)
     assert oracle.nfev == 0
 
 

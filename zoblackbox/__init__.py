@@ -13,15 +13,18 @@ from .errors import (
     OracleError,
     ZOError,
 )
+from .engine import AskTell
 from .estimators import CoordinateEstimator, Estimate, Estimator, RandomEstimator
 from .optim import SignSGD, ZOGradient, minimize
 from .oracle import FailurePolicy, FunctionOracle, Oracle, QueryFailure
 from .params import ParamLayout
 from .plan import QueryPlan
+from .result import ZOResult
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AskTell",
     "BudgetExhaustedError",
     "CheckpointError",
     "ConfigError",
@@ -41,6 +44,7 @@ __all__ = [
     "Trainer",
     "ZOError",
     "ZOGradient",
+    "ZOResult",
     "__version__",
     "minimize",
 ]

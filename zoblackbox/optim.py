@@ -1,126 +1,104 @@
-"""Optimizing with zeroth-order gradients: a functional ``minimize`` and a bridge to torch.optim.
+"""``minimize``: the scipy-style driver of the ask/tell engine.
 
-* :func:`minimize` -- scipy-style: ``minimize(oracle, x0, ...) -> OptimizeResult`` with
-  ``x, fun, nfev, nit, success, message, history``; budgets are exact.
-* :class:`ZOGradient` -- the ZO analogue of ``loss.backward()`` for a torch module: it fills
-  ``p.grad`` from a ZO estimate, so every ``torch.optim`` optimizer and LR scheduler works
-  unchanged.
+* :func:`minimize` -- ``minimize(fun, x0, ...) -> ZOResult`` with ``x, fun, nfev, nit, success,
+  message, history``; ``fun`` is a plain callable (numpy or torch) or an
+  :class:`~zoblackbox.oracle.Oracle`; budgets are exact; runs can show progress, log every
+  iteration and resume from a checkpoint after a kill.
+* :class:`ZOGradient` (re-exported) -- the ZO analogue of ``loss.backward()`` for a torch module.
+
+The loop itself is :class:`zoblackbox.engine.AskTell`'s; this module only builds the engine,
+attaches the pieces the user asked for (:mod:`zoblackbox.callbacks`) and runs it.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Iterable, Mapping
+import os
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import OptimizeResult
 from torch import nn
 
-from .errors import BudgetExhaustedError, ConfigError
-from .estimators import CoordinateEstimator, Estimate, Estimator, RandomEstimator, StepUnderflow
-from .lbfgs import check_lbfgs_kwargs, minimize_lbfgs
-from .oracle import Oracle, as_vector
+from .callbacks import Checkpointer, JSONLinesLog, ProgressBar, ScipyCallback, default_progress
+from .engine import AUTO_MIN_CGE_STEPS, AUTO_RGE_Q, AskTell, auto_estimator
+from .errors import ConfigError
+from .estimators import CoordinateEstimator, Estimate, Estimator
+from .oracle import FunctionOracle, Oracle, _real_tensor, as_vector, short_repr
 from .result import ZOResult
+from .rules import OPTIMIZERS, SignSGD, make_optimizer
 
-__all__ = ["OPTIMIZERS", "SignSGD", "ZOGradient", "make_optimizer", "minimize"]
-
-
-class SignSGD(torch.optim.Optimizer):
-    """Sign-SGD: ``p -= lr * sign(grad)`` (robust to the scale of noisy ZO estimates)."""
-
-    def __init__(self, params, lr: float = 1e-3):
-        super().__init__(params, {"lr": _check_lr(lr)})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
-        return loss
+__all__ = ["AUTO_MIN_CGE_STEPS", "AUTO_RGE_Q", "OPTIMIZERS", "SignSGD", "ZOGradient", "as_oracle", "auto_estimator",
+           "make_optimizer", "minimize"]
 
 
-OPTIMIZERS = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "signsgd": SignSGD,
-    "lbfgs": torch.optim.LBFGS,
-}
+def as_oracle(fun, x0, *, vectorized: bool = False) -> tuple[Oracle, torch.Tensor]:
+    """``fun`` as an oracle and ``x0`` as its starting point.
 
-
-def _check_lr(lr) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
-    return lr
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def make_optimizer(name_or_cls, params, lr: float, **kwargs) -> torch.optim.Optimizer:
-    """A torch optimizer from a name in :data:`OPTIMIZERS` or an optimizer class."""
-    _check_lr(lr)
-    if isinstance(name_or_cls, str):
-        if name_or_cls.lower() not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {name_or_cls!r}; expected one of {sorted(OPTIMIZERS)}")
-        cls = OPTIMIZERS[name_or_cls.lower()]
-    elif isinstance(name_or_cls, type) and issubclass(name_or_cls, torch.optim.Optimizer):
-        cls = name_or_cls
-    else:
-        raise ConfigError(f"optimizer must be a name or a torch.optim.Optimizer class, got {name_or_cls!r}")
-    return cls(params, lr=lr, **kwargs)
-
-
-#: below this many full CGE iterations within the budget, ``estimator="auto"`` picks RGE
-AUTO_MIN_CGE_STEPS = 100
-AUTO_RGE_Q = 20
-
-
-def auto_estimator(dim: int, budget: int | None) -> Estimator:
-    """The default estimator of :func:`minimize` for a ``dim``-vector and a query budget.
-
-    CGE (forward, mu=5e-3) when it is cheap (``dim <= 20``: no more queries per step than RGE with
-    q=20), when there is no budget, or when the budget affords at least ``AUTO_MIN_CGE_STEPS``
-    full CGE iterations; otherwise RGE with q=20 Gaussian directions, which takes ``(dim+1)/21``
-    times more (noisier) steps for the same queries. Rationale, measured on a 1.7k-parameter digits
-    CNN with 30k queries: CGE + Adam got 17 steps and 48% test accuracy, RGE (q=20) + Adam 1,430
-    steps and 93% (docs/benchmarks.md).
+    An :class:`~zoblackbox.oracle.Oracle` is used as it is (``x0`` converted to its dtype and
+    device). A plain callable gets a :class:`~zoblackbox.oracle.FunctionOracle` whose computation
+    dtype follows ``x0``: a numpy array or a list is handed to ``fun`` as numpy (float64 unless
+    ``x0`` is float32), a torch tensor as torch in its own dtype and device. ``vectorized=True``:
+    ``fun`` takes a ``(K, dim)`` batch and returns ``K`` losses.
     """
-    if dim <= AUTO_RGE_Q or budget is None or budget >= AUTO_MIN_CGE_STEPS * (dim + 1):
-        return CoordinateEstimator()
-    return RandomEstimator(q=AUTO_RGE_Q)
+    if isinstance(fun, Oracle):
+        x = as_vector(x0, dim=fun.dim, dtype=fun.dtype, device=fun.device, name="x0").clone()
+        return fun, x
+    if not callable(fun):
+        raise TypeError(f"fun must be a callable or a zoblackbox Oracle, got {type(fun).__name__}: {short_repr(fun)}")
+    if not isinstance(vectorized, (bool, np.bool_)):
+        raise TypeError(f"vectorized must be a bool, got {type(vectorized).__name__}: {vectorized!r}")
+    is_torch = isinstance(x0, torch.Tensor)
+    t = _real_tensor(x0, "x0 must be a 1-D array")
+    if t.dim() != 1:
+        raise ConfigError(f"x0 must be 1-D, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ConfigError("x0 must have at least one entry, got an empty array")
+    if t.is_floating_point() and (is_torch or t.dtype == torch.float32):
+        dtype = t.dtype
+    else:
+        dtype = torch.float64 if not is_torch else torch.get_default_dtype()
+    device = t.device if is_torch else None
+    oracle = FunctionOracle(fun, int(t.shape[0]), vectorized=bool(vectorized), numpy=not is_torch, dtype=dtype,
+                            device=device)
+    return oracle, t.detach().to(dtype).clone()
 
 
 def minimize(
-    oracle: Oracle,
+    fun,
     x0,
     *,
     estimator: Estimator | str = "auto",
-    optimizer: str | type = "adam",
+    optimizer="adam",
     lr: float | None = None,
     budget: int | None = None,
     maxiter: int | None = None,
-    callback: Callable[[OptimizeResult], bool | None] | None = None,
+    callback: Callable | None = None,
     scheduler=None,
     optimizer_kwargs: dict | None = None,
-) -> OptimizeResult:
-    """Minimize a black-box oracle with ZO gradient estimates and a first-order update rule.
+    vectorized: bool = False,
+    bounds=None,
+    seed: int | None = 0,
+    lr_schedule: Callable[[int], float] | None = None,
+    progress: bool | None = False,
+    log: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+) -> ZOResult:
+    """Minimize a black-box function with zeroth-order gradient estimates.
 
     Args:
-        oracle: the function to minimize.
-        x0: starting point, 1-D of length ``oracle.dim``, finite.
+        fun: the function: a plain callable ``fun(x) -> float`` (numpy in, as scipy does, or torch
+            when ``x0`` is a tensor; with ``vectorized=True``, ``fun(X) -> K losses`` for a
+            ``(K, dim)`` batch) or a zoblackbox :class:`~zoblackbox.oracle.Oracle`.
+        x0: starting point, 1-D, finite. With a callable, the computation dtype follows ``x0``
+            (float64 for numpy float64 arrays, ints and lists).
         estimator: gradient estimator; ``"auto"`` (default) picks CGE or RGE from the dimension
             and the budget (:func:`auto_estimator`), and forward CGE for ``"lbfgs"`` (curvature
             pairs from random-direction estimates would be noise).
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"signsgd"``, ``"lbfgs"`` or a
             ``torch.optim`` class. ``"lbfgs"`` is zoblackbox's L-BFGS for estimated gradients
-            (:mod:`zoblackbox.lbfgs`): line searches on function values only (one query per
-            trial), the gradient estimated only at accepted points, about ``d + 2`` queries per
+            (:class:`zoblackbox.rules.LBFGSRule`): line searches on function values only (one query
+            per trial), the gradient estimated only at accepted points, about ``d + 2`` queries per
             forward-CGE iteration; ``optimizer_kwargs`` ``history_size``, ``max_ls``, ``c1`` and
             ``noise`` (the evaluation noise's standard deviation, for noisy targets). The class
             ``torch.optim.LBFGS`` runs torch's L-BFGS with a strong-Wolfe search instead, one
@@ -133,166 +111,93 @@ def minimize(
             value its line search measured at the returned point instead, and keeps a query only
             to evaluate an averaged point under ``noise``).
         maxiter: maximum iterations.
-        callback: ``callback(intermediate_result)`` after every iteration; returning ``True``
-            (or raising ``StopIteration``) stops the run cleanly.
+        callback: ``callback(intermediate_result)`` after every iteration (``x``, ``fun``, ``nit``,
+            ``nfev``, ``grad``); returning ``True`` (or raising ``StopIteration``) stops the run cleanly.
         scheduler: evaluates query plans (``zoblackbox.schedule``); default the oracle itself.
         optimizer_kwargs: extra keyword arguments of the optimizer (e.g. ``momentum``).
+        vectorized: ``fun`` takes a 2-D batch (plain callables only).
+        bounds: ``(lower, upper)`` box (scalars or arrays); see :class:`~zoblackbox.engine.AskTell`.
+        seed: seed of the estimator ``"auto"`` picks.
+        lr_schedule: ``lr_schedule(iteration) -> factor`` (first-order rules), e.g.
+            :class:`zoblackbox.schedules.WarmupCosine`.
+        progress: a tqdm bar with the loss, the queries and the queries per second (``None``: on
+            when standard error is a terminal).
+        log: a file to which one JSON line per iteration is written.
+        checkpoint: a directory for checkpoints of the engine and the oracle's counters, written
+            atomically every ``checkpoint_every`` iterations and at the end. Calling ``minimize``
+            again with the same directory (after a crash or a kill) continues the run and ends with
+            the same parameters, bitwise, as an uninterrupted run; a finished run returns its result
+            without querying again. A checkpoint of another problem is refused (CheckpointError).
+        checkpoint_every: iterations between checkpoints.
 
     Returns:
-        ``scipy.optimize.OptimizeResult`` with ``x`` (numpy), ``fun`` (loss at ``x``), ``nfev``
+        :class:`~zoblackbox.result.ZOResult` with ``x`` (numpy), ``fun`` (loss at ``x``), ``nfev``
         (queries this run spent), ``nit``, ``success``, ``message``, ``history`` (one dict per
-        iteration: ``nit``, ``nfev``, ``f0``, ``grad_norm``) and ``failures``. An update that
-        would make ``x`` non-finite (a divergent run) stops the run with ``success=False`` and
-        returns the last finite iterate; so does an iterate so large that ``x + mu == x`` (the
-        estimator could measure no difference there).
+        iteration: ``nit``, ``nfev``, ``f0``, ``grad_norm``, ``n_failed``, ``time``) and
+        ``failures``. An update that would make ``x`` non-finite (a divergent run) stops the run
+        with ``success=False`` and returns the last finite iterate; so does an iterate so large that
+        ``x + mu == x`` (the estimator could measure no difference there).
 
     Raises:
         ConfigError: a bad argument (the message names it), before any query.
-        TypeError: an argument of the wrong kind (oracle, estimator, scheduler, callback...).
+        TypeError: an argument of the wrong kind (fun, estimator, scheduler, callback...).
         OracleError: a query failed under the oracle's ``raise`` policy.
+        CheckpointError: ``checkpoint`` holds a checkpoint of another run.
+
+    Example:
+        >>> import numpy as np
+        >>> from scipy.optimize import rosen
+        >>> res = minimize(rosen, np.zeros(4), optimizer="lbfgs", estimator=CoordinateEstimator(mu=1e-6),
+        ...                budget=600)
+        >>> bool(res.fun < 1e-3)
+        True
     """
-    if not isinstance(oracle, Oracle):
-        raise TypeError(f"oracle must be a zoblackbox Oracle, got {type(oracle).__name__}; wrap functions with FunctionOracle")
-    x = as_vector(x0, dim=oracle.dim, dtype=oracle.dtype, device=oracle.device, name="x0").clone()
+    oracle, x = as_oracle(fun, x0, vectorized=vectorized)
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).nonzero().flatten()[:5].tolist()
         raise ConfigError(f"x0 must be finite; non-finite entries at indices {bad}: {x[bad].tolist()}")
-    if budget is not None and not _is_int(budget):
-        raise ConfigError(f"budget must be an int, got {budget!r}")
-    if isinstance(estimator, str) and estimator == "auto" or estimator is None:
-        if isinstance(optimizer, str) and optimizer.lower() == "lbfgs":  # quasi-Newton needs consistent gradients
-            estimator = CoordinateEstimator()
-        else:
-            estimator = auto_estimator(oracle.dim, None if budget is None else int(budget))
-    if not isinstance(estimator, Estimator):
-        raise TypeError(f"estimator must be a zoblackbox Estimator or 'auto', got {estimator!r}")
-    step_cost = estimator.num_queries(oracle.dim)
-    if budget is not None and budget < step_cost + 1:
-        raise ConfigError(
-            f"budget={budget!r} is below the cost of one iteration ({step_cost} queries for {estimator!r} "
-            f"at dim={oracle.dim}) plus the final evaluation (1 query)"
-        )
-    if maxiter is not None and (not _is_int(maxiter) or maxiter < 0):
-        raise ConfigError(f"maxiter must be a non-negative int, got {maxiter!r}")
     if budget is None and maxiter is None:
         raise ConfigError("give a budget (queries) or maxiter (iterations), or both")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}: {callback!r}")
+    if scheduler is not None and not callable(getattr(scheduler, "run", None)):
+        raise TypeError(f"scheduler must be a zoblackbox Scheduler or None, got {type(scheduler).__name__}: "
+                        f"{short_repr(scheduler)}")
     if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, Mapping):
         raise TypeError(f"optimizer_kwargs must be a mapping or None, got {type(optimizer_kwargs).__name__}: "
                         f"{optimizer_kwargs!r}")
-
-    budget = None if budget is None else int(budget)
-    kwargs = dict(optimizer_kwargs or {})
-    native_lbfgs = isinstance(optimizer, str) and optimizer.lower() == "lbfgs"
-    if lr is None:
-        lr = 1.0 if native_lbfgs else 1e-2
-    if native_lbfgs:
-        _check_lr(lr)
-        options = check_lbfgs_kwargs(kwargs)
-        own_budget = oracle.budget
-        if budget is not None:  # the run's budget binds every query, retries included
-            limit = oracle.nfev + budget
-            oracle.budget = limit if own_budget is None else min(own_budget, limit)
-        try:
-            return minimize_lbfgs(oracle, x, estimator=estimator, lr=lr, budget=budget, maxiter=maxiter,
-                                  callback=callback, scheduler=scheduler, options=options)
-        finally:
-            oracle.budget = own_budget
-    param = nn.Parameter(x)
-    is_lbfgs = isinstance(optimizer, type) and issubclass(optimizer, torch.optim.LBFGS)
-    if is_lbfgs:
-        if not estimator.queries_base:
-            raise ConfigError(f"torch.optim.LBFGS needs the loss at x from each estimate; {estimator!r} does not "
-                              "query the base point (use forward differences, e.g. CoordinateEstimator(), or "
-                              "optimizer='lbfgs')")
-        kwargs.setdefault("line_search_fn", "strong_wolfe")
-        kwargs.setdefault("max_iter", 2**31 - 1)
-        kwargs.setdefault("max_eval", 2**31 - 1)
-        kwargs.setdefault("history_size", 20)
-        if budget is not None:  # the budget is the stopping rule: do not stop early on torch's tolerances
-            kwargs.setdefault("tolerance_grad", 0.0)
-            kwargs.setdefault("tolerance_change", 0.0)
-    opt = make_optimizer(optimizer, [param], lr, **kwargs)
-    start_nfev, own_budget = oracle.nfev, oracle.budget
-    loop = _minimize_lbfgs if is_lbfgs else _minimize_loop
+    if progress is not None and not isinstance(progress, (bool, np.bool_)):
+        raise TypeError(f"progress must be True, False or None, got {progress!r}")
+    engine = AskTell(x, estimator=estimator, optimizer=optimizer, lr=lr, budget=budget, maxiter=maxiter,
+                     optimizer_kwargs=optimizer_kwargs, seed=seed, bounds=bounds, lr_schedule=lr_schedule)
+    logger = JSONLinesLog(log) if log is not None else None
+    saver = Checkpointer(checkpoint, checkpoint_every, oracle=oracle) if checkpoint is not None else None
+    if saver is not None and saver.exists():
+        state, _ = saver.load()
+        engine.load_state_dict(state["engine"])  # checked against this run's problem first
+        if "oracle" in state:
+            oracle.load_state_dict(state["oracle"])
+        if logger is not None:
+            logger.rewrite(engine.history)
+    elif logger is not None:
+        logger.rewrite([])
+    if callback is not None:
+        engine.observers.append(ScipyCallback(callback))
+    for piece in (logger, saver):
+        if piece is not None:
+            engine.observers.append(piece)
+    bar = None
+    if progress or (progress is None and default_progress()):
+        bar = ProgressBar(engine.budget, engine.maxiter, start_nfev=engine.nfev)
+        engine.observers.append(bar)
     try:
-        return loop(oracle, param, opt, estimator, step_cost, budget, maxiter, callback, scheduler,
-                    start_nfev, own_budget)
+        result = engine.run(oracle, scheduler)
     finally:
-        oracle.budget = own_budget
-
-
-def _minimize_loop(oracle, param, opt, estimator, step_cost, budget, maxiter, callback, scheduler, start_nfev,
-                   own_budget) -> OptimizeResult:
-    """The iterations of :func:`minimize`; the caller restores ``oracle.budget``."""
-    t0 = time.perf_counter()
-    history: list[dict] = []
-    nit, message, success = 0, "", True
-
-    def spent() -> int:
-        return oracle.nfev - start_nfev
-
-    def cap(kept: int) -> None:
-        """Lower the oracle's budget to this run's, less ``kept`` queries: retries of failed
-        queries then stay within ``budget`` too."""
-        if budget is not None:
-            limit = start_nfev + budget - kept
-            oracle.budget = limit if own_budget is None else min(own_budget, limit)
-
-    cap(1)  # one query is kept for the value at the returned point
-    while True:
-        if maxiter is not None and nit >= maxiter:
-            message = f"maxiter={maxiter} iterations reached"
-            break
-        if budget is not None and spent() + step_cost + 1 > budget:
-            message = f"query budget reached ({spent()} of {budget} spent)"
-            break
-        try:
-            est: Estimate = estimator.estimate(oracle, param.detach(), scheduler=scheduler)
-        except BudgetExhaustedError as exc:
-            message, success = f"the oracle's own budget ran out: {exc}", False
-            break
-        except StepUnderflow as exc:
-            if nit == 0:  # x0 itself: a configuration error
-                raise
-            message, success = f"stopped at iteration {nit + 1}: {exc}", False
-            break
-        opt.zero_grad(set_to_none=True)
-        param.grad = est.grad.to(param.dtype)
-        previous = param.detach().clone()
-        opt.step()
-        if not torch.isfinite(param).all():  # diverged: return the last finite iterate, not inf/nan
-            with torch.no_grad():
-                param.copy_(previous)
-            message, success = (f"iteration {nit + 1} made x non-finite (gradient norm {float(est.grad.norm())!r}); "
-                                "returning the last finite iterate (lower lr?)"), False
-            break
-        nit += 1
-        history.append({"nit": nit, "nfev": spent(), "f0": est.f0, "grad_norm": float(est.grad.norm()),
-                        "n_failed": est.n_failed, "time": time.perf_counter() - t0})
-        if callback is not None:
-            try:
-                stop = callback(OptimizeResult(x=param.detach().cpu().numpy().copy(), nit=nit, nfev=spent(),
-                                               fun=est.f0, grad=est.grad.detach().cpu().numpy()))
-            except StopIteration:
-                stop = True
-            if stop:
-                message = "stopped by the callback"
-                break
-
-    x_final = param.detach()
-    cap(0)
-    if oracle.remaining >= 1:
-        fun = oracle(x_final)
-    else:
-        fun, success = math.nan, False
-        message += "; no query left to evaluate the final point"
-    return ZOResult(
-        x=x_final.cpu().numpy(), fun=fun, nfev=spent(), nit=nit, success=success and math.isfinite(fun),
-        message=message, history=history, failures=oracle.failure_report(),
-        wall_time=time.perf_counter() - t0,
-    )
+        if bar is not None:
+            bar.close()
+    if saver is not None:
+        saver.save(engine)
+    return result
 
 
 class ZOGradient:
@@ -350,87 +255,3 @@ class ZOGradient:
         self.oracle.update_bn_stats(x)
         self.last = est
         return est.f0
-
-
-class _StopLBFGS(Exception):
-    """Raised from the L-BFGS closure to end the run (budget, maxiter, callback, failure)."""
-
-
-def _minimize_lbfgs(oracle, param, opt, estimator, step_cost, budget, maxiter, callback, scheduler, start_nfev,
-                    own_budget) -> OptimizeResult:
-    """:func:`minimize` with ``torch.optim.LBFGS``: one estimate per closure call, best point kept."""
-    t0 = time.perf_counter()
-    history: list[dict] = []
-    state = {"message": "", "success": True, "best_f": math.inf, "best_x": param.detach().clone(), "evals": 0}
-
-    def spent() -> int:
-        return oracle.nfev - start_nfev
-
-    if budget is not None:  # one query is kept for the value at the returned point
-        limit = start_nfev + budget - 1
-        oracle.budget = limit if own_budget is None else min(own_budget, limit)
-
-    def nit() -> int:
-        return int(opt.state[param].get("n_iter", 0)) if param in opt.state else 0
-
-    def closure():
-        if maxiter is not None and nit() >= maxiter:
-            state["message"] = f"maxiter={maxiter} iterations reached"
-            raise _StopLBFGS
-        if budget is not None and spent() + step_cost + 1 > budget:
-            state["message"] = f"query budget reached ({spent()} of {budget} spent)"
-            raise _StopLBFGS
-        x = param.detach()
-        if not torch.isfinite(x).all():
-            state["message"], state["success"] = "the line search produced a non-finite x", False
-            raise _StopLBFGS
-        try:
-            est: Estimate = estimator.estimate(oracle, x, scheduler=scheduler)
-        except BudgetExhaustedError as exc:
-            state["message"], state["success"] = f"the oracle's own budget ran out: {exc}", False
-            raise _StopLBFGS from exc
-        except StepUnderflow as exc:
-            if state["evals"] == 0:
-                raise
-            state["message"], state["success"] = f"stopped: {exc}", False
-            raise _StopLBFGS from exc
-        state["evals"] += 1
-        f0 = est.f0 if est.f0 is not None and math.isfinite(est.f0) else math.inf
-        if f0 < state["best_f"]:
-            state["best_f"], state["best_x"] = f0, x.clone()
-        history.append({"nit": nit(), "nfev": spent(), "f0": est.f0, "grad_norm": float(est.grad.norm()),
-                        "n_failed": est.n_failed, "time": time.perf_counter() - t0})
-        if callback is not None and state["evals"] > 1:
-            try:
-                stop = callback(OptimizeResult(x=x.cpu().numpy().copy(), nit=nit(), nfev=spent(), fun=est.f0,
-                                               grad=est.grad.detach().cpu().numpy()))
-            except StopIteration:
-                stop = True
-            if stop:
-                state["message"] = "stopped by the callback"
-                raise _StopLBFGS
-        param.grad = est.grad.to(param.dtype)
-        # a failed base query: +inf makes the line search back off
-        return torch.tensor(f0 if math.isfinite(f0) else math.inf, dtype=torch.float64)
-
-    try:
-        opt.step(closure)  # runs until a tolerance of torch's L-BFGS is met or the closure stops it
-        state["message"] = "L-BFGS converged (gradient, step or loss change below its tolerances)"
-    except _StopLBFGS:
-        pass
-
-    x_final = state["best_x"]
-    oracle.budget = own_budget
-    if budget is not None:
-        limit = start_nfev + budget
-        oracle.budget = limit if own_budget is None else min(own_budget, limit)
-    if oracle.remaining >= 1:
-        fun = oracle(x_final)
-    else:
-        fun, state["success"] = math.nan, False
-        state["message"] += "; no query left to evaluate the final point"
-    return ZOResult(
-        x=x_final.cpu().numpy(), fun=fun, nfev=spent(), nit=nit(), success=state["success"] and math.isfinite(fun),
-        message=state["message"], history=history, failures=oracle.failure_report(),
-        wall_time=time.perf_counter() - t0,
-    )

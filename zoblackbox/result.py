@@ -1,23 +1,63 @@
-"""The result type of :func:`zoblackbox.minimize`."""
+"""The one result type of every driver: :func:`zoblackbox.minimize`, :meth:`AskTell.result`."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 from scipy.optimize import OptimizeResult
 
 __all__ = ["ZOResult"]
 
+_SUMMARY_ORDER = ("message", "success", "fun", "x", "nit", "nfev", "failures", "history", "wall_time")
 
-def _printable(value):
-    """Nested dicts with their empty dicts shown as ``{}`` (scipy's formatter fails on them)."""
+
+def _short(value) -> str:
+    """A one-line view of a field: arrays and long lists are summarized."""
+    if isinstance(value, np.ndarray):
+        if value.size <= 6:
+            return np.array2string(value, precision=4, separator=", ")
+        head = ", ".join(f"{v:.4g}" for v in value[:3].tolist())
+        return f"array of {value.size} ({value.dtype}): [{head}, ...]"
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else repr(value)
     if isinstance(value, dict):
-        return {k: _printable(v) for k, v in value.items()} if value else "{}"
-    return value
+        if not value:
+            return "{}"
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list) and len(value) > 4:
+        return f"list of {len(value)}"
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _history_summary(history: list) -> str:
+    if not history:
+        return "0 records"
+    first, last = history[0], history[-1]
+
+    def f0(h):
+        v = h.get("f0") if isinstance(h, dict) else None
+        return "None" if v is None else _short(float(v))
+
+    return (f"{len(history)} records (nit {first.get('nit')} -> {last.get('nit')}, "
+            f"f0 {f0(first)} -> {f0(last)}, nfev {first.get('nfev')} -> {last.get('nfev')})")
 
 
 class ZOResult(OptimizeResult):
-    """``scipy.optimize.OptimizeResult`` (a dict with attribute access) whose ``repr`` also works
-    when a field holds an empty dict, as ``failures["by_kind"]`` of a run without failures does
-    (scipy's own formatter raises ``ValueError`` there)."""
+    """``scipy.optimize.OptimizeResult`` (a dict with attribute access: ``x``, ``fun``, ``nfev``,
+    ``nit``, ``success``, ``message``, ``history``, ``failures``, ...) whose ``repr`` is a few lines:
+    the history is summarized by its length and its first and last values, long arrays by their
+    size and first entries."""
 
     def __repr__(self) -> str:
-        return OptimizeResult.__repr__(OptimizeResult({k: _printable(v) for k, v in self.items()}))
+        keys = [k for k in _SUMMARY_ORDER if k in self] + [k for k in self if k not in _SUMMARY_ORDER]
+        width = max((len(k) for k in keys), default=0)
+        lines = []
+        for k in keys:
+            v = self[k]
+            text = _history_summary(v) if k == "history" and isinstance(v, list) else _short(v)
+            lines.append(f"{k:>{width}}: {text}")
+        return "\n".join(lines)
+
+    __str__ = __repr__

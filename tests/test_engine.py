@@ -1,0 +1,306 @@
+"""The ask/tell engine: the protocol, exact state round trips, budgets, bad input, and minimize as its driver."""
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.optimize import rosen
+
+from zoblackbox import (
+    AskTell,
+    CheckpointError,
+    ConfigError,
+    CoordinateEstimator,
+    FunctionOracle,
+    OracleError,
+    RandomEstimator,
+    minimize,
+)
+
+
+def _quad(x):
+    x = np.asarray(x, dtype=np.float64)
+    return float(((x - np.arange(len(x))) ** 2 * (1 + np.arange(len(x)))).sum())
+
+
+def _drive(solver, f=_quad):
+    while not solver.done:
+        X = solver.ask()
+        solver.tell([f(x) for x in X])
+    return solver.result()
+
+
+CONFIGS = [
+    dict(estimator=CoordinateEstimator(mu=1e-6), optimizer="lbfgs", budget=300),
+    dict(estimator=CoordinateEstimator(), optimizer="adam", lr=0.1, budget=200),
+    dict(estimator=RandomEstimator(q=3, seed=7), optimizer="sgd", lr=0.01, budget=150),
+    dict(estimator=RandomEstimator(q=2, antithetic=True, seed=3), optimizer="adamw", lr=0.05, maxiter=20),
+    dict(estimator=CoordinateEstimator(mu=1e-6), optimizer=torch.optim.LBFGS, budget=120),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: str(c["optimizer"]).split(".")[-1].strip("'>"))
+def test_ask_tell_loop_equals_minimize_bitwise(config):
+    """Driving the engine by hand and minimize (its driver) take the same steps."""
+    fresh = _fresh(config)
+    res_loop = _drive(AskTell(np.zeros(5), **fresh()))
+    res_min = minimize(_quad, np.zeros(5), **fresh())
+    assert np.array_equal(res_loop.x, res_min.x) and res_loop.nfev == res_min.nfev and res_loop.nit == res_min.nit
+    assert res_loop.fun == res_min.fun and res_loop.message == res_min.message
+    if config.get("budget"):
+        assert res_loop.nfev <= config["budget"]
+
+
+def _fresh(config):
+    """A factory of the config with a new estimator (estimators carry their random state)."""
+    def make():
+        c = dict(config)
+        est = c["estimator"]
+        if isinstance(est, RandomEstimator):
+            c["estimator"] = RandomEstimator(q=est.q, antithetic=est.antithetic, mu=est.mu,
+                                             seed=int(est.generator.initial_seed()))
+        return c
+    return make
+
+
+def test_ask_returns_2d_numpy_for_numpy_and_torch_for_torch():
+    s = AskTell(np.zeros(3), estimator=CoordinateEstimator(), maxiter=2)
+    X = s.ask()
+    assert isinstance(X, np.ndarray) and X.shape == (4, 3) and X.dtype == np.float64
+    assert np.array_equal(s.ask(), X)  # asking again returns the same points
+    t = AskTell(torch.zeros(3, dtype=torch.float32), estimator=CoordinateEstimator(), maxiter=2)
+    T = t.ask()
+    assert isinstance(T, torch.Tensor) and T.shape == (4, 3) and T.dtype == torch.float32
+
+
+def test_tell_with_the_wrong_number_of_losses_changes_nothing():
+    s = AskTell(np.zeros(3), estimator=CoordinateEstimator(), budget=50)
+    X = s.ask()
+    with pytest.raises(ConfigError, match=r"tell\(\) got 3 losses for the 4 points of the last ask"):
+        s.tell([1.0, 2.0, 3.0])
+    with pytest.raises(ConfigError, match="tell\\(\\) takes 4 losses"):
+        s.tell("1,2,3,4")
+    assert s.nfev == 0 and np.array_equal(s.ask(), X)
+    s.tell([_quad(x) for x in X])
+    assert s.nfev == 4
+
+
+def test_tell_after_done_is_refused_and_result_is_kept():
+    s = AskTell(np.zeros(2), estimator=CoordinateEstimator(), maxiter=1)
+    res = _drive(s)
+    assert s.done and res.nit == 1 and "maxiter=1" in res.message
+    with pytest.raises(ConfigError, match="tell\\(\\) after the run ended"):
+        s.tell([1.0])
+    with pytest.raises(ConfigError, match="the run is done"):
+        s.ask()
+    assert s.result().nfev == res.nfev
+
+
+def test_non_finite_losses_follow_the_failure_policy():
+    s = AskTell(np.zeros(2), estimator=CoordinateEstimator(), maxiter=3)
+    X = s.ask()
+    with pytest.raises(OracleError, match=r"loss #1 of 3 is nan"):
+        s.tell([1.0, float("nan"), 2.0])
+    assert s.nfev == 0 and np.array_equal(s.ask(), X)  # unchanged: the losses can be told again
+    t = AskTell(np.zeros(2), estimator=CoordinateEstimator(), maxiter=3, on_failure="skip")
+    t.tell([1.0, float("nan"), 2.0])
+    assert t.nit == 0 or t.done or t.nfev == 3
+    assert t.result().failures["failed_queries"] == 1
+    with pytest.raises(ConfigError, match="retries need an oracle"):
+        AskTell(np.zeros(2), on_failure="retry", maxiter=1)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: str(c["optimizer"]).split(".")[-1].strip("'>"))
+def test_state_dict_round_trips_exactly_at_any_moment(config):
+    """Stopped after any number of tells -- in the middle of a line search too -- saved with the
+    safe checkpoint loader, and resumed, the run ends exactly where an uninterrupted one does."""
+    fresh = _fresh(config)
+    reference = _drive(AskTell(np.zeros(5), **fresh()))
+    for cut in (0, 1, 2, 5, 9):
+        s = AskTell(np.zeros(5), **fresh())
+        for _ in range(cut):
+            if s.done:
+                break
+            s.tell([_quad(x) for x in s.ask()])
+        buf = io.BytesIO()
+        torch.save(s.state_dict(), buf)
+        state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)  # no pickle of objects
+        overrides = {"optimizer": config["optimizer"]} if not isinstance(config["optimizer"], str) else {}
+        resumed = _drive(AskTell.from_state_dict(state, **overrides))
+        assert np.array_equal(resumed.x, reference.x), cut
+        assert (resumed.nfev, resumed.nit, resumed.fun) == (reference.nfev, reference.nit, reference.fun)
+
+
+def test_a_state_from_another_problem_is_refused_and_nothing_changes():
+    a = AskTell(np.zeros(4), estimator=CoordinateEstimator(), budget=100)
+    a.tell([_quad(x) for x in a.ask()])
+    state = a.state_dict()
+    other_dim = AskTell(np.zeros(5), estimator=CoordinateEstimator(), budget=100)
+    with pytest.raises(CheckpointError, match="its dimension is 4, this run's is 5"):
+        other_dim.load_state_dict(state)
+    other_est = AskTell(np.zeros(4), estimator=CoordinateEstimator(mu=1e-3), budget=100)
+    before = other_est.ask()
+    with pytest.raises(CheckpointError, match=r"its estimator is .CoordinateEstimator\(mu=0.005"):
+        other_est.load_state_dict(state)
+    assert np.array_equal(other_est.ask(), before) and other_est.nfev == 0
+    tampered = dict(state, boundary=dict(state["boundary"], nfev=-1_000_000))
+    with pytest.raises(CheckpointError, match="nfev is -1000000"):
+        AskTell(np.zeros(4), estimator=CoordinateEstimator(), budget=100).load_state_dict(tampered)
+    with pytest.raises(CheckpointError, match="not an AskTell state"):
+        AskTell.from_state_dict({"format": "something"})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(budget=st.integers(4, 80), kind=st.sampled_from(["cge", "central", "rge", "lbfgs", "anti"]),
+       losses=st.lists(st.one_of(st.floats(-1e6, 1e6), st.just(math.inf), st.just(math.nan)), min_size=1,
+                       max_size=40), dim=st.integers(1, 4))
+def test_no_sequence_of_asks_and_tells_exceeds_the_budget(budget, kind, losses, dim):
+    est = {"cge": CoordinateEstimator(), "central": CoordinateEstimator(scheme="central"),
+           "rge": RandomEstimator(q=2), "lbfgs": CoordinateEstimator(mu=1e-6),
+           "anti": RandomEstimator(q=2, antithetic=True)}[kind]
+    optimizer = "lbfgs" if kind == "lbfgs" else "sgd"
+    try:
+        s = AskTell(np.zeros(dim), estimator=est, optimizer=optimizer, budget=budget, on_failure="inf")
+    except ConfigError:
+        return  # a budget below one iteration is refused up front
+    feed = iter(losses * 200)
+    for _ in range(500):
+        if s.done:
+            break
+        X = s.ask()
+        s.tell([next(feed) for _ in range(len(X))])
+        assert s.nfev <= budget
+    assert s.done and s.result().nfev <= budget
+
+
+# ------------------------------------------------------------------------------------------- minimize as a driver
+def test_minimize_takes_a_plain_callable_like_scipy():
+    res = minimize(rosen, np.zeros(10), budget=2000, estimator=CoordinateEstimator(mu=1e-6), optimizer="lbfgs")
+    assert res.nfev <= 2000 and res.fun < 1e-4
+    vec = minimize(lambda X: rosen(X.T), np.zeros(10), vectorized=True, budget=2000,
+                   estimator=CoordinateEstimator(mu=1e-6), optimizer="lbfgs")
+    assert np.array_equal(vec.x, res.x)  # the same run, one batch per ask
+    torch_fn = minimize(lambda x: float((x ** 2).sum()), torch.ones(3, dtype=torch.float64), maxiter=5)
+    assert torch_fn.nit == 5
+
+
+def test_function_dtype_follows_x0():
+    seen = []
+    minimize(lambda x: seen.append(x.dtype) or float((x ** 2).sum()), np.ones(3), maxiter=1)
+    assert seen and all(d == np.float64 for d in seen)
+    seen.clear()
+    minimize(lambda x: seen.append(x.dtype) or float((x ** 2).sum()), np.ones(3, dtype=np.float32), maxiter=1)
+    assert all(d == np.float32 for d in seen)
+
+
+def test_the_users_oracle_is_never_changed():
+    budgets = []
+    oracle = FunctionOracle(lambda x: budgets.append(oracle.budget) or float((x ** 2).sum()), 3, budget=10_000)
+    res = minimize(oracle, np.ones(3), budget=50)
+    assert set(budgets) == {10_000} and oracle.budget == 10_000
+    assert oracle.nfev == res.nfev <= 50  # queries are still counted on it
+
+
+def test_result_prints_in_a_few_lines():
+    res = minimize(rosen, np.zeros(30), budget=3000)
+    text = repr(res)
+    assert len(text.splitlines()) <= 12 and "history: " in text and f"{len(res.history)} records" in text
+
+
+def test_callback_contract_true_or_stopiteration_stops():
+    seen = []
+
+    def stop_at_3(r):
+        seen.append(r.nit)
+        if r.nit == 3:
+            raise StopIteration
+
+    res = minimize(rosen, np.zeros(3), maxiter=50, callback=stop_at_3)
+    assert seen == [1, 2, 3] and res.nit == 3 and "callback" in res.message and res.success
+    res = minimize(rosen, np.zeros(3), maxiter=50, optimizer="lbfgs", callback=lambda r: r.nit >= 2)
+    assert res.nit == 2
+
+
+def test_bounds_are_respected_by_iterates_and_forward_steps():
+    seen = []
+
+    def f(x):
+        seen.append(np.array(x))
+        return float(((x - 5.0) ** 2).sum())
+
+    res = minimize(f, np.zeros(3), bounds=(-1.0, 1.0), optimizer="lbfgs", estimator=CoordinateEstimator(mu=1e-3),
+                   budget=200)
+    assert np.all(np.abs(np.stack(seen)) <= 1.0) and np.allclose(res.x, 1.0)
+    with pytest.raises(ConfigError, match=r"lower\[0\]=2.0 exceeds upper\[0\]=1.0"):
+        minimize(f, np.zeros(3), bounds=(2.0, 1.0), maxiter=1)
+    with pytest.raises(ConfigError, match="outside the bounds at indices \\[0, 1, 2\\]"):
+        minimize(f, np.zeros(3), bounds=(0.5, 1.0), maxiter=1)
+
+
+def test_log_and_progress(tmp_path, capsys):
+    log = tmp_path / "run.jsonl"
+    res = minimize(rosen, np.zeros(4), maxiter=7, log=log, progress=True)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["nit"] for r in lines] == list(range(1, 8)) and lines[-1]["nfev"] == res.history[-1]["nfev"]
+    assert "q_per_s" in capsys.readouterr().err
+
+
+def test_checkpoint_resume_returns_a_finished_run_without_querying(tmp_path):
+    calls = []
+    res = minimize(lambda x: calls.append(1) or rosen(x), np.zeros(4), maxiter=5, checkpoint=tmp_path / "ck")
+    n = len(calls)
+    again = minimize(lambda x: calls.append(1) or rosen(x), np.zeros(4), maxiter=5, checkpoint=tmp_path / "ck")
+    assert len(calls) == n and np.array_equal(again.x, res.x) and again.nfev == res.nfev
+    with pytest.raises(CheckpointError, match="dimension is 4, this run's is 5"):
+        minimize(rosen, np.zeros(5), maxiter=5, checkpoint=tmp_path / "ck")
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from zoblackbox import minimize, RandomEstimator
+
+    def f(x):
+        time.sleep(float(sys.argv[3]))
+        return float(((x - 1.0) ** 2).sum() + 0.1 * np.sin(10 * x).sum())
+
+    res = minimize(f, np.zeros(6), estimator=RandomEstimator(q=4, seed=5), lr=0.05, budget=int(sys.argv[2]),
+                   checkpoint=sys.argv[1], checkpoint_every=2)
+    np.save(sys.argv[1] + "-x.npy", res.x)
+    print("DONE", res.nfev, flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_minimize_resumes_after_sigkill_bitwise(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    budget = 400
+    ref = str(tmp_path / "ref")
+    subprocess.run([sys.executable, str(script), ref, str(budget), "0"], check=True, env=env, capture_output=True)
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, str(script), killed, str(budget), "0.004"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not os.path.exists(os.path.join(killed, "latest.json")):
+        time.sleep(0.05)
+    time.sleep(0.3)  # a few more iterations, then a kill in the middle of one
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(killed + "-x.npy"), "the run finished before the kill; slow it down"
+    out = subprocess.run([sys.executable, str(script), killed, str(budget), "0"], check=True, env=env,
+                         capture_output=True, text=True)
+    assert "DONE" in out.stdout
+    assert np.array_equal(np.load(ref + "-x.npy"), np.load(killed + "-x.npy"))

@@ -1,0 +1,834 @@
+"""The ask/tell engine: the one optimization loop under every driver.
+
+:class:`AskTell` owns the iterate, the gradient estimator, the update rule, the query budget and
+the random state. It is driven in one of two ways:
+
+* **ask/tell**, when the points are evaluated outside Python's control (a cluster queue, a lab
+  instrument, a co-simulation)::
+
+      solver = AskTell(x0, budget=2_000)
+      while not solver.done:
+          X = solver.ask()                 # 2-D: one row per point to evaluate
+          solver.tell([f(x) for x in X])   # one loss per row
+      result = solver.result()
+
+* **against an oracle**: :meth:`AskTell.step` runs one iteration (asks evaluated through the
+  oracle, or a scheduler of ``zoblackbox.schedule`` that keeps the plan's structure), and
+  :meth:`AskTell.run` runs to the end. :func:`zoblackbox.minimize`, the :class:`~zoblackbox.Trainer`
+  and the PDE, certify and gym recipes are thin drivers of this.
+
+The run's budget belongs to the engine: evaluated through an oracle, queries go through a
+:class:`BudgetView` (a counting view with the run's limit), so the user's oracle is never changed.
+:meth:`AskTell.state_dict` is exact at any moment, in the middle of a line search too: it holds the
+rule's committed state at the start of the current iteration plus the losses told since, which
+:meth:`AskTell.from_state_dict` replays (tensors and plain containers only; no pickle).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .errors import BudgetExhaustedError, CheckpointError, ConfigError, OracleError
+from .estimators import CoordinateEstimator, Estimator, RandomEstimator, StepUnderflow
+from .oracle import FailurePolicy, Oracle, short_repr
+from .plan import QueryPlan
+from .result import ZOResult
+from .rules import LBFGSRule, Stop, UpdateRule, estimate_from, make_rule
+
+__all__ = ["AUTO_MIN_CGE_STEPS", "AUTO_RGE_Q", "AskTell", "BudgetView", "auto_estimator"]
+
+STATE_FORMAT = "zoblackbox-asktell"
+STATE_VERSION = 1
+
+#: below this many full CGE iterations within the budget, ``estimator="auto"`` picks RGE
+AUTO_MIN_CGE_STEPS = 100
+AUTO_RGE_Q = 20
+
+
+def auto_estimator(dim: int, budget: int | None, seed: int | None = 0) -> Estimator:
+    """The default estimator for a ``dim``-vector and a query budget.
+
+    CGE (forward, mu=5e-3) when it is cheap (``dim <= 20``: no more queries per step than RGE with
+    q=20), when there is no budget, or when the budget affords at least ``AUTO_MIN_CGE_STEPS``
+    full CGE iterations; otherwise RGE with q=20 Gaussian directions, which takes ``(dim+1)/21``
+    times more (noisier) steps for the same queries. Rationale, measured on a 1.7k-parameter digits
+    CNN with 30k queries: CGE + Adam got 17 steps and 48% test accuracy, RGE (q=20) + Adam 1,430
+    steps and 93% (docs/benchmarks.md).
+    """
+    if dim <= AUTO_RGE_Q or budget is None or budget >= AUTO_MIN_CGE_STEPS * (dim + 1):
+        return CoordinateEstimator()
+    return RandomEstimator(q=AUTO_RGE_Q, seed=seed)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+# ------------------------------------------------------------------------------------------ budget view
+class BudgetView(Oracle):
+    """A counting view of ``oracle`` that refuses queries past ``limit`` more of them.
+
+    Queries are evaluated by the wrapped oracle (its ``raw_evaluate``, so its own evaluation, pool
+    or vectorized path is used) and counted in *its* ``nfev`` and ``failures``, under its failure
+    policy; the view only adds a limit of its own on top of the oracle's budget. The wrapped oracle's
+    ``budget`` is never changed. Other attributes (``layout``, ``model``, ``set_batch``...) are the
+    wrapped oracle's, so schedulers see through the view (:attr:`unwrapped`).
+    """
+
+    def __init__(self, oracle: Oracle, limit: int | None = None):  # noqa: D107 - no Oracle.__init__: a view
+        object.__setattr__(self, "unwrapped", oracle)
+        self._start = oracle.nfev
+        self.limit = limit
+        self._outstanding = 0
+
+    # counting goes to the wrapped oracle
+    @property
+    def nfev(self) -> int:
+        return self.unwrapped.nfev
+
+    @nfev.setter
+    def nfev(self, value: int) -> None:
+        self.unwrapped.nfev = value
+
+    @property
+    def failures(self):
+        return self.unwrapped.failures
+
+    @property
+    def policy(self) -> FailurePolicy:
+        return self.unwrapped.policy
+
+    @property
+    def dim(self) -> int:
+        return self.unwrapped.dim
+
+    @property
+    def dtype(self):
+        return self.unwrapped.dtype
+
+    @property
+    def device(self):
+        return self.unwrapped.device
+
+    @property
+    def chunk_size(self) -> int:
+        return self.unwrapped.chunk_size
+
+    @property
+    def budget(self) -> int | None:
+        """The tighter of the wrapped oracle's budget and the view's limit (absolute, in ``nfev``)."""
+        own = self.unwrapped.budget
+        if self.limit is None:
+            return own
+        mine = self._start + self.limit
+        return mine if own is None else min(own, mine)
+
+    def set_limit(self, limit: int | None) -> None:
+        """Allow ``limit`` more queries from now on (``None``: only the oracle's own budget)."""
+        self._start = self.unwrapped.nfev
+        self.limit = limit
+
+    def reserve(self, n: int) -> None:
+        super().reserve(n)
+        inner = type(self.unwrapped).reserve
+        if inner is not Oracle.reserve:  # the oracle checks something of its own (e.g. a batch is set)
+            self.unwrapped.reserve(n)
+
+    def raw_evaluate(self, X):
+        return self.unwrapped.raw_evaluate(X)
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "unwrapped"), name)
+
+    def __repr__(self) -> str:
+        return f"BudgetView({self.unwrapped!r}, limit={self.limit})"
+
+
+# ------------------------------------------------------------------------------------------ the engine
+class AskTell:
+    """The ask/tell engine (see the module docstring).
+
+    Args:
+        x0: the starting point, 1-D, finite (numpy or torch). :meth:`ask` returns numpy arrays when
+            ``x0`` is numpy (or a list), torch tensors otherwise; the computation dtype is ``x0``'s
+            floating dtype (float64 for numpy ints, lists and float64 arrays).
+        estimator: an :class:`~zoblackbox.estimators.Estimator`, or ``"auto"`` (:func:`auto_estimator`
+            from the dimension and the budget; forward CGE for ``"lbfgs"``).
+        optimizer: ``"sgd"``, ``"adam"`` (default), ``"adamw"``, ``"signsgd"``, ``"lbfgs"``
+            (zoblackbox's L-BFGS for estimated gradients), a ``torch.optim`` class, or an
+            :class:`~zoblackbox.rules.UpdateRule`.
+        lr: learning rate (default 1e-2; 1 for ``"lbfgs"``, its first trial step).
+        budget: the most queries the run may use (exact: asks never exceed it, retries included).
+        seed: seed of the estimator chosen by ``"auto"`` (a given estimator keeps its own seed).
+        bounds: ``(lower, upper)``, scalars or arrays of length ``dim`` (``-inf``/``inf`` allowed):
+            iterates and line-search trials are projected into the box, and a forward-CGE step that
+            would leave it is taken backwards. Other estimators' perturbations may leave the box by
+            their step ``mu``.
+        maxiter: the most iterations.
+        optimizer_kwargs: extra arguments of the optimizer (``momentum``...; L-BFGS's
+            ``history_size``, ``max_ls``, ``c1``, ``noise``).
+        lr_schedule: ``lr_schedule(iteration) -> factor`` for first-order rules (torch's ``LambdaLR``).
+        on_failure: what :meth:`tell` does with a non-finite loss: ``"raise"`` (default:
+            :class:`~zoblackbox.errors.OracleError` naming the row, and nothing is changed, so the
+            losses can be told again), ``"inf"`` (taken as ``+inf``) or ``"skip"`` (left out of the
+            estimate). Runs driven through an oracle use the oracle's own policy instead.
+        evaluate_final: whether the run ends by evaluating the returned point (one query kept for
+            it); drivers that train on minibatches switch it off.
+
+    Attributes:
+        done: whether the run has ended (:meth:`result` is then final).
+        nit, nfev: iterations finished and queries used so far.
+        coords: the coordinates the next gradient estimate covers (``None`` = all); drivers with
+            sparse masks set it between iterations. ``freeze``: a boolean mask of coordinates an
+            update may not change.
+    """
+
+    def __init__(self, x0, *, estimator: Estimator | str = "auto", optimizer="adam", lr: float | None = None,
+                 budget: int | None = None, seed: int | None = 0, bounds=None, maxiter: int | None = None,
+                 optimizer_kwargs: Mapping | None = None, lr_schedule: Callable[[int], float] | None = None,
+                 on_failure: FailurePolicy | str = "raise", evaluate_final: bool = True,
+                 dtype: torch.dtype | None = None, device=None):
+        x, self._numpy = _as_start(x0, dtype, device)
+        self.dim, self.dtype, self.device = int(x.shape[0]), x.dtype, x.device
+        if budget is not None and (not _is_int(budget) or budget < 0):
+            raise ConfigError(f"budget must be a non-negative int or None, got {budget!r}")
+        if maxiter is not None and (not _is_int(maxiter) or maxiter < 0):
+            raise ConfigError(f"maxiter must be a non-negative int, got {maxiter!r}")
+        if seed is not None and not _is_int(seed):
+            raise ConfigError(f"seed must be an int or None, got {seed!r}")
+        if not isinstance(evaluate_final, (bool, np.bool_)):
+            raise TypeError(f"evaluate_final must be a bool, got {evaluate_final!r}")
+        self.budget = None if budget is None else int(budget)
+        self.maxiter = None if maxiter is None else int(maxiter)
+        self.seed = seed
+        self.evaluate_final = bool(evaluate_final)
+        self.policy = FailurePolicy.coerce(on_failure)
+        if self.policy.retries:
+            raise ConfigError(f"on_failure={on_failure!r}: retries need an oracle to re-evaluate the point; tell() "
+                              "cannot retry (use 'raise', 'inf' or 'skip', or pass retries to the oracle)")
+        is_lbfgs_name = isinstance(optimizer, str) and optimizer.lower() == "lbfgs"
+        if isinstance(estimator, str) and estimator == "auto" or estimator is None:
+            # quasi-Newton needs consistent gradients: forward CGE for L-BFGS
+            estimator = CoordinateEstimator() if is_lbfgs_name else auto_estimator(self.dim, self.budget, seed)
+        if not isinstance(estimator, Estimator):
+            raise TypeError(f"estimator must be a zoblackbox Estimator or 'auto', got {short_repr(estimator)}")
+        self.estimator = estimator
+        self.lower, self.upper = _check_bounds(bounds, self.dim, self.dtype, self.device)
+        if self.lower is not None and bool(((x < self.lower) | (x > self.upper)).any()):
+            bad = ((x < self.lower) | (x > self.upper)).nonzero().flatten()[:5].tolist()
+            raise ConfigError(f"x0 lies outside the bounds at indices {bad}: {x[bad].tolist()}")
+        self.rule: UpdateRule = make_rule(optimizer, lr, optimizer_kwargs, lr_schedule=lr_schedule,
+                                          budget_bound=self.budget is not None)
+        self._init = {"optimizer": optimizer, "lr": lr, "optimizer_kwargs": dict(optimizer_kwargs or {}),
+                      "lr_schedule": lr_schedule, "bounds": bounds, "on_failure": on_failure}
+        step_cost = estimator.num_queries(self.dim)
+        if self.budget is not None and not isinstance(self.rule, LBFGSRule) and self.budget < step_cost + 1:
+            raise ConfigError(
+                f"budget={budget!r} is below the cost of one iteration ({step_cost} queries for {estimator!r} "
+                f"at dim={self.dim}) plus the final evaluation (1 query)")
+        self.x0 = x.clone()
+        self.coords = None
+        self.freeze: torch.Tensor | None = None
+        self.observers: list[Callable] = []
+        self.rule.start(x.clone(), self)
+        self.nfev = 0
+        self.nit = 0
+        self.n_failed = 0
+        self.history: list[dict] = []
+        self.message, self.success = "", True
+        self.phase = "run"
+        self._final: tuple | None = None
+        self._t0 = time.perf_counter()
+        self._wall_offset = 0.0
+        self._iterations = 0  # iterations finished (L-BFGS's first one included)
+        self._replaying = False
+        self._begin_iteration()  # lazy: the first plan is built at the first ask
+
+    # ------------------------------------------------------------------ public protocol
+    @property
+    def done(self) -> bool:
+        """Whether the run has ended."""
+        self._settle()
+        return self.phase == "done"
+
+    @property
+    def x(self):
+        """The current iterate (numpy when ``x0`` was numpy)."""
+        return self._out(self.rule.x)
+
+    def ask_plan(self) -> QueryPlan:
+        """The pending queries as a :class:`~zoblackbox.plan.QueryPlan` (keeps the structure that
+        schedulers exploit: coordinate steps or directions around a base point)."""
+        self._settle()
+        if self.phase == "done":
+            raise ConfigError(f"the run is done ({self.message}); nothing more to ask: call result()")
+        return self._pending
+
+    def ask(self):
+        """The points to evaluate next: a 2-D array, one row per point (numpy when ``x0`` was numpy).
+
+        Asking again before :meth:`tell` returns the same points.
+        """
+        return self._out(self.ask_plan().points())
+
+    def tell(self, losses, *, nfev: int | None = None) -> None:
+        """Report the losses of the points of the last :meth:`ask`, one per row, in order.
+
+        Args:
+            losses: a sequence or 1-D array of real numbers, one per asked row. Non-finite values
+                follow ``on_failure``.
+            nfev: queries these losses cost, when not one per row (retries of failed queries).
+
+        Raises:
+            ConfigError: the wrong number of losses, or :meth:`tell` after the run ended; the
+                engine is left unchanged.
+            OracleError: a non-finite loss under ``on_failure="raise"``; the engine is left
+                unchanged.
+        """
+        self._settle()
+        if self.phase == "done":
+            raise ConfigError(f"tell() after the run ended ({self.message}): there is no pending ask; "
+                              "call result()")
+        plan = self._pending
+        values = _as_losses(losses, len(plan))
+        spent = len(plan) if nfev is None else nfev
+        if not _is_int(spent) or spent < len(plan):
+            raise ConfigError(f"nfev must be an int >= the {len(plan)} losses told, got {nfev!r}")
+        if self.budget is not None and self.nfev + spent > self.budget:
+            raise ConfigError(f"nfev={spent} would take the run past its budget of {self.budget} "
+                              f"({self.nfev} used)")
+        bad = (~torch.isfinite(values)).nonzero().flatten()
+        if bad.numel() and self._policy_applies:
+            if self.policy.action == "raise":
+                i = int(bad[0])
+                raise OracleError(f"tell(): loss #{i} of {len(plan)} is {float(values[i])!r} (not finite); pass "
+                                  "on_failure='inf' or 'skip' to AskTell to keep going", query_index=i,
+                                  value=float(values[i]), kind="nonfinite")
+            values[bad] = math.inf if self.policy.action == "inf" else math.nan
+        self.n_failed += int(bad.numel())
+        self._accept(values, int(spent))
+
+    def result(self) -> ZOResult:
+        """The run's result (final once :attr:`done`; before that, the current iterate and its
+        latest measured loss)."""
+        done = self.done
+        if self._final is not None:
+            x, fun = self._final
+        else:
+            x, fun = self.rule.x, self._last_f0()
+        fun = math.nan if fun is None else float(fun)
+        return ZOResult(
+            x=x.detach().to("cpu").numpy().copy(), fun=fun, nfev=self.nfev, nit=self._nit(),
+            success=bool(self.success and math.isfinite(fun) and done), message=self.message,
+            history=list(self.history), failures=self._failure_report(),
+            wall_time=self._wall_offset + time.perf_counter() - self._t0,
+        )
+
+    # ------------------------------------------------------------------ driving through an oracle
+    def step(self, oracle: Oracle, scheduler=None) -> dict | None:
+        """Run one iteration against ``oracle`` (through ``scheduler`` if given); returns its
+        history record, or ``None`` when the run ended without finishing another iteration."""
+        view = self._view(oracle)
+        self._limit_source = view.unwrapped
+        finished = self._iterations
+        while self._iterations == finished and not self.done:
+            plan = self._pending
+            keep = 0 if self.phase == "final" else self.rule.keep
+            view.set_limit(None if self.budget is None else self.budget - self.nfev - keep)
+            before = view.nfev
+            try:
+                losses = _evaluate(view, plan, scheduler)
+            except BudgetExhaustedError as exc:
+                self._cancel(f"the oracle's own budget ran out: {exc}")
+                continue
+            self._accept(losses.to(torch.float64), view.nfev - before)  # the oracle applied its failure policy
+            self.n_failed += int((~torch.isfinite(losses)).sum())
+            self._settle()
+        return self.history[-1] if self._iterations != finished and self.history else None
+
+    def run(self, oracle: Oracle, scheduler=None) -> ZOResult:
+        """Run to the end against ``oracle``; returns :meth:`result`."""
+        self._limit_source = self._view(oracle).unwrapped  # before the first plan is built
+        while not self.done:
+            self.step(oracle, scheduler)
+        return self.result()
+
+    def _view(self, oracle: Oracle) -> BudgetView:
+        if not isinstance(oracle, Oracle):
+            raise TypeError(f"oracle must be a zoblackbox Oracle, got {type(oracle).__name__}: {short_repr(oracle)}")
+        if isinstance(oracle, BudgetView):
+            oracle = oracle.unwrapped
+        if oracle.dim != self.dim:
+            raise ConfigError(f"the oracle has dim {oracle.dim}, this run has dim {self.dim}")
+        if self._views is None or self._views.unwrapped is not oracle:
+            self._views = BudgetView(oracle)
+        return self._views
+
+    # ------------------------------------------------------------------ services for update rules
+    def afford(self, n: int, keep: int = 0) -> None:
+        """Raise :class:`~zoblackbox.rules.Stop` unless ``n`` more queries fit (``keep`` more kept aside)."""
+        if self.budget is not None and self.nfev + n + keep > self.budget:
+            raise Stop(f"query budget reached ({self.nfev} of {self.budget} spent)")
+        own = self._limit_source.remaining if self._limit_source is not None else math.inf
+        if n > own:
+            raise Stop(f"the oracle's own budget ran out: a batch of {n} queries would exceed the budget of "
+                       f"{self._limit_source.budget} ({self._limit_source.nfev} already spent, {own} left)",
+                       success=False)
+
+    def can_afford(self, n: int) -> bool:
+        """Whether ``n`` more queries fit in the budget."""
+        own = self._limit_source.remaining if self._limit_source is not None else math.inf
+        return (self.budget is None or self.nfev + n <= self.budget) and n <= own
+
+    def gradient_estimate(self, x: torch.Tensor, *, keep: int = 0, f0: float | None = None, checked: bool = False):
+        """A generator that asks for the estimator's plan at ``x`` and returns the
+        :class:`~zoblackbox.estimators.Estimate`; with ``f0`` (the known loss at ``x``) a forward
+        plan skips its base query. The budget is checked before the plan is built."""
+        if not checked:
+            if self.maxiter is not None and self.nit >= self.maxiter:
+                raise Stop(f"maxiter={self.maxiter} iterations reached")
+            n = None if self.coords is None else int(self.coords.numel())
+            self.afford(self.estimator.num_queries(self.dim, n), keep)
+        plan = self._bounded(self.estimator.plan(x, self.coords))
+        if f0 is not None and plan.include_base:
+            rest = QueryPlan(base=plan.base, include_base=False, coords=plan.coords, offsets=plan.offsets,
+                             directions=plan.directions, support=plan.support)
+            losses = yield rest
+            losses = torch.cat([torch.tensor([float(f0)], dtype=torch.float64), losses.to(torch.float64)])
+        else:
+            losses = yield plan
+        est = estimate_from(self.estimator, plan, losses)
+        est.nfev = len(plan) - (f0 is not None and plan.include_base)
+        return est
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` clipped into the bounds (unchanged without bounds)."""
+        if self.lower is None:
+            return x
+        return torch.maximum(torch.minimum(x, self.upper.to(x.dtype)), self.lower.to(x.dtype))
+
+    def project_(self, x: torch.Tensor) -> None:
+        """Clip ``x`` into the bounds in place."""
+        if self.lower is not None:
+            x.clamp_(min=self.lower.to(x.dtype), max=self.upper.to(x.dtype))
+
+    def observe(self, record: dict, *, x, grad, fun, nit, call_back: bool = True) -> Stop | None:
+        """Record an intermediate point of a rule whose iteration spans many asks (closure
+        optimizers); returns a :class:`Stop` when an observer asks to stop."""
+        self._append_history(record, nit=nit)
+        self._last_grad, self._observed_x = grad, x
+        try:
+            if call_back and not self._replaying and self._notify(self.history[-1]):
+                return Stop("stopped by the callback")
+        finally:
+            self._observed_x = None
+        return None
+
+    def intermediate_result(self, entry: dict) -> ZOResult:
+        """scipy's ``intermediate_result`` for callbacks: ``x``, ``fun``, ``nit``, ``nfev``, ``grad_norm``."""
+        grad = self._last_grad
+        x = self.rule.x if self._observed_x is None else self._observed_x
+        return ZOResult(x=x.detach().cpu().numpy().copy(), fun=entry.get("f0"), nit=entry["nit"],
+                        nfev=entry["nfev"], grad_norm=entry.get("grad_norm"),
+                        grad=None if grad is None else grad.detach().cpu().numpy())
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """The engine's exact state: configuration, the rule's committed state at the start of the
+        current iteration, and the losses told since (tensors, numbers, strings, lists, dicts)."""
+        return {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "config": json.dumps(self._config(), sort_keys=True),
+            "x0": self.x0.clone(), "bounds": [] if self.lower is None else [self.lower.clone(), self.upper.clone()],
+            "boundary": self._boundary,
+            "told": [v.clone() for v, _ in self._log], "told_nfev": [n for _, n in self._log],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping, **overrides) -> AskTell:
+        """An engine in exactly the state :meth:`state_dict` captured.
+
+        The estimator and update rule are rebuilt from the state's configuration when they are
+        zoblackbox's own (``CoordinateEstimator``, ``RandomEstimator`` with built-in directions and
+        shaping, named optimizers, ``torch.optim`` classes); pass ``estimator=``, ``optimizer=``,
+        ``lr_schedule=``... for anything else. What is passed must match the state's configuration.
+        """
+        config = _check_state(state)
+        kwargs = _rebuild_kwargs(config, state)
+        kwargs.update(overrides)
+        x0 = state["x0"]
+        engine = cls(x0.numpy() if config["numpy"] else x0, **kwargs)
+        engine.load_state_dict(state)
+        return engine
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Load :meth:`state_dict` of a run of the same problem; everything is checked before
+        anything changes (CheckpointError names the mismatch)."""
+        config = _check_state(state)
+        mine = self._config()
+        for key, what in (("dim", "dimension"), ("dtype", "dtype"), ("estimator", "estimator"),
+                          ("rule", "update rule"), ("budget", "budget"), ("maxiter", "maxiter"),
+                          ("evaluate_final", "evaluate_final")):
+            if config.get(key) != mine.get(key):
+                raise CheckpointError(f"the state is of another run: its {what} is {config.get(key)!r}, this run's "
+                                      f"is {mine.get(key)!r}")
+        boundary, told, told_nfev = state["boundary"], list(state["told"]), list(state["told_nfev"])
+        if not isinstance(boundary, Mapping) or len(told) != len(told_nfev) or not all(
+                isinstance(v, torch.Tensor) and v.dim() == 1 for v in told) or not all(
+                _is_int(n) and n >= 1 for n in told_nfev):
+            raise CheckpointError("the state's boundary or told losses are malformed")
+        _check_counters(boundary, self.budget, self.dim)
+        previous = (self._boundary, list(self._log))
+        try:
+            self._replay(boundary, told, told_nfev)
+        except Exception as exc:
+            self._replay(*previous[:1], [v for v, _ in previous[1]], [n for _, n in previous[1]])
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"the state does not replay on this run: {type(exc).__name__}: {exc}") from exc
+
+    # ------------------------------------------------------------------ the state machine
+    _views: BudgetView | None = None
+    _last_grad: torch.Tensor | None = None
+    _observed_x: torch.Tensor | None = None
+    _limit_source: Oracle | None = None
+    _policy_applies = True
+
+    def _replay(self, boundary: Mapping, told: list, told_nfev: list) -> None:
+        self._replaying = True
+        try:
+            self._restore(boundary)
+            for values, spent in zip(told, told_nfev):
+                self._settle()
+                if self.phase == "done":
+                    raise CheckpointError("the state holds losses told after its run ended")
+                if values.shape[0] != len(self._pending):
+                    raise CheckpointError(f"the state's told losses ({values.shape[0]}) do not match the replayed "
+                                          f"ask ({len(self._pending)} points)")
+                self._accept(values.to(torch.float64), int(spent))
+            self._settle()
+        finally:
+            self._replaying = False
+
+    def _accept(self, values: torch.Tensor, spent: int) -> None:
+        self.nfev += spent
+        self._log.append((values.clone(), spent))
+        self._pending = None
+        self._send = values
+
+    def _settle(self) -> None:
+        """Advance the state machine until there is a pending ask or the run is done."""
+        while self.phase != "done" and self._pending is None:
+            send, self._send = self._send, None
+            try:
+                plan = next(self._gen) if send is None else self._gen.send(send)
+            except StopIteration as finished:
+                if self.phase == "final":
+                    self._finish(*finished.value)
+                else:
+                    self._end_iteration(finished.value)
+                continue
+            except Stop as stop:
+                self._stop(stop.message, stop.success)
+                continue
+            except StepUnderflow as exc:
+                if self._iterations == 0 and self.phase == "run" and not getattr(self.rule, "started", False):
+                    raise  # at x0: a configuration error, before the run could start
+                self._stop(f"stopped at iteration {self.nit + 1}: {exc}", False)
+                continue
+            self._pending = plan
+
+    def _begin_iteration(self) -> None:
+        self._boundary = self._snapshot()
+        self._log = []
+        self._pending, self._send = None, None
+        self._gen = self.rule.iteration(self)
+
+    def _begin_final(self) -> None:
+        self.phase = "final"
+        self._boundary = self._snapshot()
+        self._log = []
+        self._pending, self._send = None, None
+        if not self.evaluate_final:
+            self._finish(self.rule.x, self._last_f0(), "")
+            return
+        self._gen = self.rule.finish(self)
+
+    def _end_iteration(self, record: dict) -> None:
+        self._last_grad = record.get("_grad")
+        self._iterations += 1
+        if self.rule.counts_iteration:
+            self.nit += 1
+        self._append_history(record, nit=self.nit)
+        # L-BFGS's first iteration (the gradient at x0) is recorded but not an iteration for callbacks
+        if self.rule.counts_iteration and not self._replaying and self._notify(self.history[-1]):
+            self._stop("stopped by the callback", True)
+            return
+        self._begin_iteration()
+
+    def _stop(self, message: str, success: bool) -> None:
+        self.message, self.success = message, success
+        self._begin_final()
+
+    def _cancel(self, message: str) -> None:
+        """The pending ask cannot be evaluated (the oracle's own budget ran out)."""
+        if self.phase == "final":
+            self._finish(self.rule.x, math.nan, "; no query left to evaluate the final point")
+            self.success = False
+            return
+        self._gen.close()
+        self._stop(message, False)
+
+    def _finish(self, x, fun, note: str) -> None:
+        self._final = (x, math.nan if fun is None else fun)
+        self.message += note
+        self.phase = "done"
+        self._pending = None
+
+    def _append_history(self, record: dict, *, nit: int) -> None:
+        entry = {"nit": nit, "nfev": self.nfev, "f0": record.get("f0"), "grad_norm": record.get("grad_norm"),
+                 "n_failed": record.get("n_failed", 0),
+                 "time": self._wall_offset + time.perf_counter() - self._t0}
+        for key, value in record.items():
+            if key not in entry and not key.startswith("_"):
+                entry[key] = value
+        self.history.append(entry)
+
+    def _notify(self, entry: dict) -> bool:
+        """Call the observers (callbacks, loggers, checkpointers) with the iteration's record; true
+        when one of them asks to stop (returns ``True``)."""
+        halt = False
+        for observer in list(self.observers):
+            if observer(self, entry) is True:
+                halt = True
+        return halt
+
+    def _nit(self) -> int:
+        counted = self.rule.iterations()
+        return self.nit if counted is None else counted
+
+    def _last_f0(self):
+        for h in reversed(self.history):
+            if h.get("f0") is not None:
+                return h["f0"]
+        return math.nan
+
+    def _config(self) -> dict:
+        return {"dim": self.dim, "dtype": str(self.dtype).replace("torch.", ""), "numpy": self._numpy,
+                "estimator": repr(self.estimator), "estimator_spec": _estimator_spec(self.estimator),
+                "rule": self.rule.config(), "budget": self.budget, "maxiter": self.maxiter, "seed": self.seed,
+                "evaluate_final": self.evaluate_final, "on_failure": self.policy.action,
+                "lr_schedule": self._init["lr_schedule"] is not None}
+
+    def _snapshot(self) -> dict:
+        """The committed state now (taken at iteration boundaries)."""
+        est_state = self.estimator.state_dict() if hasattr(self.estimator, "state_dict") else {}
+        return {"rule": self.rule.state_dict(), "estimator": est_state, "nfev": self.nfev, "nit": self.nit,
+                "iterations": self._iterations, "n_failed": self.n_failed, "history": json.dumps(self.history),
+                "phase": self.phase, "message": self.message, "success": self.success,
+                "coords": torch.empty(0, dtype=torch.long) if self.coords is None else self.coords.cpu().clone(),
+                "has_coords": self.coords is not None,
+                "freeze": torch.empty(0, dtype=torch.bool) if self.freeze is None else self.freeze.cpu().clone(),
+                "wall": self._wall_offset + time.perf_counter() - self._t0}
+
+    def _restore(self, snap: Mapping) -> None:
+        self.rule.load_state_dict(snap["rule"])
+        if snap["estimator"] and hasattr(self.estimator, "load_state_dict"):
+            self.estimator.load_state_dict(snap["estimator"])
+        self.nfev, self.nit, self.n_failed = int(snap["nfev"]), int(snap["nit"]), int(snap["n_failed"])
+        self._iterations = int(snap["iterations"])
+        self.history = json.loads(snap["history"])
+        self.message, self.success = str(snap["message"]), bool(snap["success"])
+        self.coords = snap["coords"].to(self.device) if snap["has_coords"] else None
+        self.freeze = snap["freeze"].to(self.device) if snap["freeze"].numel() else None
+        self._wall_offset, self._t0 = float(snap["wall"]), time.perf_counter()
+        self._final = None
+        self.phase = "run"
+        if snap["phase"] == "final":
+            self._begin_final()
+        else:
+            self._begin_iteration()
+
+    def _bounded(self, plan: QueryPlan) -> QueryPlan:
+        """A forward coordinate plan whose steps would leave the box takes them backwards."""
+        if self.lower is None or plan.coords is None or not plan.include_base or plan.num_perturbations == 0:
+            return plan
+        c = plan.coords
+        target = plan.base[c] + plan.offsets
+        out = (target > self.upper[c]) | (target < self.lower[c])
+        if not bool(out.any()):
+            return plan
+        xc = plan.base[c]
+        offsets = torch.where(out, (xc - plan.offsets) - xc, plan.offsets)  # the realized backward step
+        return QueryPlan(base=plan.base, include_base=True, coords=c, offsets=offsets)
+
+    def _failure_report(self) -> dict:
+        if self._views is not None:
+            return self._views.unwrapped.failure_report()
+        return {"failed_queries": self.n_failed, "resolved_by_retry": 0,
+                "by_kind": {"nonfinite": self.n_failed} if self.n_failed else {}}
+
+    def _out(self, t: torch.Tensor):
+        return t.detach().cpu().numpy().copy() if self._numpy else t.detach().clone()
+
+    def __repr__(self) -> str:
+        budget = "" if self.budget is None else f", budget={self.budget}"
+        return (f"AskTell(dim={self.dim}, estimator={self.estimator!r}, rule={type(self.rule).__name__}, "
+                f"nit={self.nit}, nfev={self.nfev}{budget}, phase={self.phase!r})")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _evaluate(oracle: Oracle, plan: QueryPlan, scheduler) -> torch.Tensor:
+    """The losses of ``plan`` through ``oracle`` (a plan of value queries skips the scheduler)."""
+    if plan.num_perturbations == 0:
+        return oracle.evaluate(plan.points())
+    if scheduler is not None:
+        return scheduler.run(oracle, plan)
+    return oracle.evaluate_plan(plan)
+
+
+def _as_start(x0, dtype, device) -> tuple[torch.Tensor, bool]:
+    """``x0`` as a detached 1-D floating tensor and whether asks should be numpy."""
+    from .oracle import _real_tensor
+
+    numpy = not isinstance(x0, torch.Tensor)
+    t = _real_tensor(x0, "x0 must be a 1-D array")
+    if t.dim() != 1:
+        raise ConfigError(f"x0 must be 1-D, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ConfigError("x0 must have at least one entry, got an empty array")
+    if dtype is None:
+        dtype = t.dtype if t.is_floating_point() else (torch.float64 if numpy else torch.get_default_dtype())
+    t = t.detach().to(dtype=dtype, device=device).clone()
+    if not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).nonzero().flatten()[:5].tolist()
+        raise ConfigError(f"x0 must be finite; non-finite entries at indices {bad}: {t[bad].tolist()}")
+    return t, numpy
+
+
+def _as_losses(losses, n: int) -> torch.Tensor:
+    if isinstance(losses, (str, bytes)) or losses is None:
+        raise ConfigError(f"tell() takes {n} losses (one per asked row), got {short_repr(losses)}")
+    try:
+        t = losses if isinstance(losses, torch.Tensor) else torch.as_tensor(np.asarray(losses, dtype=np.float64))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"tell() takes {n} real losses (one per asked row), got {short_repr(losses)} ({exc})") \
+            from exc
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ConfigError(f"tell() takes real losses, got dtype {t.dtype}")
+    t = t.detach().to("cpu", torch.float64).reshape(-1) if t.dim() <= 1 or t.numel() == n else t
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ConfigError(f"tell() got {t.numel() if t.dim() <= 1 else tuple(t.shape)} losses for the {n} points "
+                          f"of the last ask (one loss per row)")
+    return t.clone()
+
+
+def _check_bounds(bounds, dim: int, dtype, device):
+    if bounds is None:
+        return None, None
+    if not isinstance(bounds, Sequence) or isinstance(bounds, (str, bytes)) or len(bounds) != 2:
+        raise ConfigError(f"bounds must be a pair (lower, upper), got {short_repr(bounds)}")
+    out = []
+    for name, b in zip(("lower", "upper"), bounds):
+        try:
+            t = torch.as_tensor(np.asarray(b, dtype=np.float64)).to(dtype=dtype, device=device)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bounds {name} must be a number or an array of {dim} numbers, got {short_repr(b)}") \
+                from exc
+        if t.dim() == 0:
+            t = t.expand(dim).clone()
+        if t.shape != (dim,) or bool(torch.isnan(t).any()):
+            raise ConfigError(f"bounds {name} must be a number or {dim} numbers (no NaN), got {short_repr(b)}")
+        out.append(t)
+    lower, upper = out
+    if bool((lower > upper).any()):
+        i = int((lower > upper).nonzero()[0, 0])
+        raise ConfigError(f"bounds: lower[{i}]={float(lower[i])!r} exceeds upper[{i}]={float(upper[i])!r}")
+    return lower, upper
+
+
+def _estimator_spec(est: Estimator) -> dict | None:
+    """A JSON description of zoblackbox's own estimators (``None`` when it cannot be rebuilt)."""
+    if type(est) is CoordinateEstimator:
+        return {"class": "CoordinateEstimator", "mu": est.mu, "scheme": est.scheme}
+    if type(est) is RandomEstimator:
+        directions = getattr(est, "directions", None)
+        shaping = getattr(est, "fitness_shaping", None)
+        if not isinstance(directions, str) or not (shaping is None or isinstance(shaping, str)):
+            return None
+        return {"class": "RandomEstimator", "mu": est.mu, "q": est.q, "directions": directions,
+                "antithetic": est.antithetic, "top_b": est.top_b, "fitness_shaping": shaping}
+    return None
+
+
+def _rebuild_kwargs(config: dict, state: Mapping) -> dict:
+    kwargs: dict = {"budget": config["budget"], "maxiter": config["maxiter"], "seed": config["seed"],
+                    "evaluate_final": config["evaluate_final"], "on_failure": config["on_failure"],
+                    "dtype": getattr(torch, config["dtype"])}
+    spec = config.get("estimator_spec")
+    if spec is not None:
+        spec = dict(spec)
+        cls = {"CoordinateEstimator": CoordinateEstimator, "RandomEstimator": RandomEstimator}[spec.pop("class")]
+        kwargs["estimator"] = cls(**spec)
+    rule = config["rule"]
+    if rule.get("rule") == "FirstOrderRule":
+        kwargs["optimizer"] = _optimizer_from_name(rule["optimizer"])
+        kwargs["lr"] = rule["lr"]
+    elif rule.get("rule") == "LBFGSRule":
+        kwargs["optimizer"], kwargs["lr"], kwargs["optimizer_kwargs"] = "lbfgs", rule["lr"], rule["options"]
+    elif rule.get("rule") == "ClosureRule":
+        kwargs["optimizer"] = _optimizer_from_name(rule["optimizer"])
+        kwargs["lr"] = rule["lr"]
+    if state["bounds"]:
+        kwargs["bounds"] = (state["bounds"][0].numpy(), state["bounds"][1].numpy())
+    return kwargs
+
+
+def _optimizer_from_name(name: str):
+    if "." not in name:
+        return name
+    module, _, qualname = name.rpartition(".")
+    if not module.startswith(("torch.optim", "zoblackbox.")):
+        raise CheckpointError(f"the state's optimizer {name!r} is not one zoblackbox can rebuild; pass optimizer=")
+    return getattr(importlib.import_module(module), qualname)
+
+
+def _check_state(state) -> dict:
+    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+        fmt = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+        raise CheckpointError(f"not an AskTell state (format {fmt!r}, expected {STATE_FORMAT!r})")
+    if state.get("version") != STATE_VERSION:
+        raise CheckpointError(f"AskTell state version {state.get('version')!r}; this zoblackbox reads {STATE_VERSION}")
+    for key in ("config", "x0", "boundary", "told", "told_nfev", "bounds"):
+        if key not in state:
+            raise CheckpointError(f"the AskTell state has no {key!r}")
+    try:
+        config = json.loads(state["config"])
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"the AskTell state's config is not JSON: {exc}") from exc
+    if not isinstance(state["x0"], torch.Tensor) or state["x0"].dim() != 1:
+        raise CheckpointError(f"the AskTell state's x0 is not a 1-D tensor: {short_repr(state['x0'])}")
+    return config
+
+
+def _check_counters(boundary: Mapping, budget: int | None, dim: int) -> None:
+    """Counters a run could have written: non-negative ints, within the budget."""
+    for key in ("nfev", "nit", "n_failed", "iterations"):
+        v = boundary.get(key)
+        if not _is_int(v) or v < 0:
+            raise CheckpointError(f"the state's {key} is {v!r}; a run writes a non-negative int")
+    if budget is not None and boundary["nfev"] > budget:
+        raise CheckpointError(f"the state's nfev={boundary['nfev']} exceeds the run's budget of {budget}")
+    if boundary.get("phase") not in ("run", "final"):
+        raise CheckpointError(f"the state's phase is {boundary.get('phase')!r}; a run writes 'run' or 'final'")
+    x = boundary.get("rule", {}).get("x") if isinstance(boundary.get("rule"), Mapping) else None
+    if not isinstance(x, torch.Tensor) or x.shape != (dim,):
+        raise CheckpointError(f"the state's iterate has shape {tuple(x.shape) if isinstance(x, torch.Tensor) else x!r}, "
+                              f"this run's dimension is {dim}")
+
