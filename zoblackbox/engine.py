@@ -188,6 +188,11 @@ class AskTell:
         coords: the coordinates the next gradient estimate covers (``None`` = all); drivers with
             sparse masks set it between iterations. ``freeze``: a boolean mask of coordinates an
             update may not change.
+        observers: callables ``observer(engine, record)`` run after every iteration (callbacks,
+            progress, logs, checkpoints: :mod:`zoblackbox.callbacks`); one returning ``True`` stops
+            the run.
+        gradient_hooks: callables ``hook(x, grad) -> grad`` applied to the estimate before a
+            first-order step (e.g. adding a white-box term computed by autograd).
     """
 
     def __init__(self, x0, *, estimator: Estimator | str = "auto", optimizer="adam", lr: float | None = None,
@@ -229,14 +234,16 @@ class AskTell:
         self._init = {"optimizer": optimizer, "lr": lr, "optimizer_kwargs": dict(optimizer_kwargs or {}),
                       "lr_schedule": lr_schedule, "bounds": bounds, "on_failure": on_failure}
         step_cost = estimator.num_queries(self.dim)
-        if self.budget is not None and not isinstance(self.rule, LBFGSRule) and self.budget < step_cost + 1:
+        final = 1 if self.evaluate_final else 0
+        if self.budget is not None and not isinstance(self.rule, LBFGSRule) and self.budget < step_cost + final:
             raise ConfigError(
                 f"budget={budget!r} is below the cost of one iteration ({step_cost} queries for {estimator!r} "
-                f"at dim={self.dim}) plus the final evaluation (1 query)")
+                f"at dim={self.dim})" + (" plus the final evaluation (1 query)" if final else ""))
         self.x0 = x.clone()
         self.coords = None
         self.freeze: torch.Tensor | None = None
         self.observers: list[Callable] = []
+        self.gradient_hooks: list[Callable] = []
         self.rule.start(x.clone(), self)
         self.nfev = 0
         self.nit = 0
@@ -343,8 +350,9 @@ class AskTell:
             keep = 0 if self.phase == "final" else self.rule.keep
             view.set_limit(None if self.budget is None else self.budget - self.nfev - keep)
             before = view.nfev
+            target = view if self.budget is not None else view.unwrapped  # no limit of the run's own: no view
             try:
-                losses = _evaluate(view, plan, scheduler)
+                losses = _evaluate(target, plan, scheduler)
             except BudgetExhaustedError as exc:
                 self._cancel(f"the oracle's own budget ran out: {exc}")
                 continue
@@ -352,6 +360,39 @@ class AskTell:
             self.n_failed += int((~torch.isfinite(losses)).sum())
             self._settle()
         return self.history[-1] if self._iterations != finished and self.history else None
+
+    def step_gradient(self, grad: torch.Tensor, f0: float | None = None) -> dict | None:
+        """One iteration whose gradient comes from elsewhere -- autograd, for the first-order
+        reference a ZO run is compared with -- applied by the same update rule, schedule and
+        bookkeeping as an estimated one. Only for first-order rules, between iterations."""
+        from .rules import FirstOrderRule
+
+        if not isinstance(self.rule, FirstOrderRule):
+            raise ConfigError(f"step_gradient needs a first-order update rule, this run uses {type(self.rule).__name__}")
+        self._settle()
+        if self.phase == "done":
+            return None
+        if self._log:
+            raise ConfigError("step_gradient() in the middle of an iteration: tell the pending ask first")
+        grad = torch.as_tensor(grad).detach()
+        if grad.shape != (self.dim,):
+            raise ConfigError(f"step_gradient takes a gradient of shape ({self.dim},), got {tuple(grad.shape)}")
+        if self.maxiter is not None and self.nit >= self.maxiter:
+            self._gen.close()
+            self._stop(f"maxiter={self.maxiter} iterations reached", True)
+            self._settle()
+            return None
+        self._gen.close()  # the iteration's estimate is not needed: no query was asked for it yet
+        self._pending = None
+        try:
+            self.rule.apply_gradient(grad.to(self.device), self)
+        except Stop as stop:
+            self._stop(stop.message, stop.success)
+            self._settle()
+            return None
+        finished = self._iterations
+        self._end_iteration({"f0": f0, "grad_norm": float(grad.norm()), "n_failed": 0, "_grad": grad})
+        return self.history[-1] if self._iterations != finished else None
 
     def run(self, oracle: Oracle, scheduler=None) -> ZOResult:
         """Run to the end against ``oracle``; returns :meth:`result`."""
@@ -446,7 +487,7 @@ class AskTell:
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION, "config": json.dumps(self._config(), sort_keys=True),
             "x0": self.x0.clone(), "bounds": [] if self.lower is None else [self.lower.clone(), self.upper.clone()],
-            "boundary": self._boundary,
+            "boundary": self._boundary_state(),
             "told": [v.clone() for v, _ in self._log], "told_nfev": [n for _, n in self._log],
         }
 
@@ -484,11 +525,11 @@ class AskTell:
                 _is_int(n) and n >= 1 for n in told_nfev):
             raise CheckpointError("the state's boundary or told losses are malformed")
         _check_counters(boundary, self.budget, self.dim)
-        previous = (self._boundary, list(self._log))
+        previous = (self._boundary_state(), list(self._log))
         try:
             self._replay(boundary, told, told_nfev)
         except Exception as exc:
-            self._replay(*previous[:1], [v for v, _ in previous[1]], [n for _, n in previous[1]])
+            self._replay(previous[0], [v for v, _ in previous[1]], [n for _, n in previous[1]])
             if isinstance(exc, CheckpointError):
                 raise
             raise CheckpointError(f"the state does not replay on this run: {type(exc).__name__}: {exc}") from exc
@@ -535,6 +576,8 @@ class AskTell:
                     self._end_iteration(finished.value)
                 continue
             except Stop as stop:
+                if self.phase == "run" and self.rule.stopped_after_a_step():
+                    self.nit += 1
                 self._stop(stop.message, stop.success)
                 continue
             except StepUnderflow as exc:
@@ -630,12 +673,19 @@ class AskTell:
         """The committed state now (taken at iteration boundaries)."""
         est_state = self.estimator.state_dict() if hasattr(self.estimator, "state_dict") else {}
         return {"rule": self.rule.state_dict(), "estimator": est_state, "nfev": self.nfev, "nit": self.nit,
-                "iterations": self._iterations, "n_failed": self.n_failed, "history": json.dumps(self.history),
+                "iterations": self._iterations, "n_failed": self.n_failed, "history_len": len(self.history),
                 "phase": self.phase, "message": self.message, "success": self.success,
                 "coords": torch.empty(0, dtype=torch.long) if self.coords is None else self.coords.cpu().clone(),
                 "has_coords": self.coords is not None,
                 "freeze": torch.empty(0, dtype=torch.bool) if self.freeze is None else self.freeze.cpu().clone(),
                 "wall": self._wall_offset + time.perf_counter() - self._t0}
+
+    def _boundary_state(self) -> dict:
+        """The boundary snapshot with the history up to it (histories are append-only, so snapshots
+        keep only their length: serializing the history at every iteration would cost O(n^2))."""
+        state = {k: v for k, v in self._boundary.items() if k != "history_len"}
+        state["history"] = json.dumps(self.history[:self._boundary["history_len"]])
+        return state
 
     def _restore(self, snap: Mapping) -> None:
         self.rule.load_state_dict(snap["rule"])
@@ -643,7 +693,10 @@ class AskTell:
             self.estimator.load_state_dict(snap["estimator"])
         self.nfev, self.nit, self.n_failed = int(snap["nfev"]), int(snap["nit"]), int(snap["n_failed"])
         self._iterations = int(snap["iterations"])
-        self.history = json.loads(snap["history"])
+        history = json.loads(snap["history"])
+        if not isinstance(history, list):
+            raise CheckpointError(f"the state's history is not a list: {short_repr(history)}")
+        self.history = history
         self.message, self.success = str(snap["message"]), bool(snap["success"])
         self.coords = snap["coords"].to(self.device) if snap["has_coords"] else None
         self.freeze = snap["freeze"].to(self.device) if snap["freeze"].numel() else None

@@ -150,6 +150,11 @@ class UpdateRule(ABC):
         """The iteration count when the rule keeps its own (``None``: the engine counts)."""
         return None
 
+    def stopped_after_a_step(self) -> bool:
+        """Whether the iteration that raised :class:`Stop` had already moved the iterate (it then
+        counts as an iteration: L-BFGS keeps the step its line search took when the budget ran out)."""
+        return False
+
     def finish(self, engine) -> Generator[QueryPlan, torch.Tensor, tuple]:
         """The returned point: yields the plans it needs, returns ``(x, fun, note)``. Default: the
         loss at the iterate, one query."""
@@ -195,6 +200,7 @@ class FirstOrderRule(UpdateRule):
         self.param: nn.Parameter | None = None
 
     def start(self, x, engine) -> None:
+        self.keep = 1 if engine.evaluate_final else 0
         self.param = nn.Parameter(x.clone())
         try:
             self.opt = self.cls([self.param], lr=self.lr, **self.kwargs)
@@ -208,7 +214,10 @@ class FirstOrderRule(UpdateRule):
 
     def iteration(self, engine):
         est = yield from engine.gradient_estimate(self.x, keep=self.keep)
-        self.apply_gradient(est.grad, engine)
+        grad = est.grad
+        for hook in engine.gradient_hooks:  # e.g. a white-box term added by autograd
+            grad = hook(self.x, grad)
+        self.apply_gradient(grad, engine)
         return {"f0": est.f0, "grad_norm": float(est.grad.norm()), "n_failed": est.n_failed, "_grad": est.grad}
 
     def apply_gradient(self, grad: torch.Tensor, engine) -> None:
@@ -306,6 +315,9 @@ class LBFGSRule(UpdateRule):
 
     @property
     def counts_iteration(self) -> bool:
+        return self._advanced
+
+    def stopped_after_a_step(self) -> bool:
         return self._advanced
 
     def _value(self, engine, point: torch.Tensor):
@@ -575,8 +587,9 @@ def make_rule(optimizer, lr: float | None, optimizer_kwargs: Mapping | None = No
     """The update rule for :func:`~zoblackbox.minimize`'s ``optimizer`` argument.
 
     ``"lbfgs"`` is :class:`LBFGSRule` (``lr`` default 1), a class whose ``step`` needs a closure
-    (``torch.optim.LBFGS``) is :class:`ClosureRule`, an :class:`UpdateRule` instance is used as it
-    is, anything else is :class:`FirstOrderRule` (``lr`` default 1e-2).
+    (``torch.optim.LBFGS``) is :class:`ClosureRule` (``lr`` default 1e-2, as every ``torch.optim``
+    class), an :class:`UpdateRule` instance is used as it is, anything else is
+    :class:`FirstOrderRule` (``lr`` default 1e-2).
     """
     if isinstance(optimizer, UpdateRule):
         if lr is not None or optimizer_kwargs:
@@ -593,7 +606,7 @@ def make_rule(optimizer, lr: float | None, optimizer_kwargs: Mapping | None = No
         return LBFGSRule(1.0 if lr is None else lr, optimizer_kwargs)
     cls = optimizer_class(optimizer)
     if issubclass(cls, torch.optim.LBFGS):
-        return ClosureRule(cls, 1.0 if lr is None else lr, optimizer_kwargs, budget_bound=budget_bound)
+        return ClosureRule(cls, 1e-2 if lr is None else lr, optimizer_kwargs, budget_bound=budget_bound)
     return FirstOrderRule(optimizer, 1e-2 if lr is None else lr, optimizer_kwargs, lr_schedule)
 
 

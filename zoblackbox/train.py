@@ -1,8 +1,11 @@
 """Training torch models with zeroth-order gradients (or first-order, for reference).
 
 :class:`Trainer` runs epochs over a data loader with any ``torch.optim`` optimizer and a warm-up +
-cosine (or constant) LR schedule; the gradient comes from :class:`~zoblackbox.optim.ZOGradient`
-(``method="zo"``) or from autograd (``method="fo"``, the reference the ZO run is compared with).
+cosine (or constant) LR schedule. It is a driver of the ask/tell engine
+(:class:`~zoblackbox.engine.AskTell`): each step sets the batch on the model's
+:class:`~zoblackbox.torch_module.ModuleOracle` and runs one engine iteration (``method="zo"``), or
+hands the engine an autograd gradient (``method="fo"``, the reference the ZO run is compared with),
+so the update rule, the LR schedule, the query budget and the sparse mask are the engine's.
 It shows a tqdm progress bar, appends one JSON line of metrics per epoch to
 ``<output_dir>/metrics.jsonl``, and writes a safe checkpoint (``zoblackbox.checkpoint``) every
 ``checkpoint_every`` epochs and, optionally, every ``checkpoint_every_steps`` steps, from which
@@ -31,10 +34,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .engine import AskTell
 from .errors import CheckpointError, ConfigError, OracleError
-from .estimators import Estimator
-from .optim import ZOGradient, make_optimizer
+from .estimators import CoordinateEstimator, Estimator
+from .optim import ZOGradient
 from .params import ParamLayout
+from .schedules import Constant, WarmupCosine
 from .sparsity import SparseSchedule
 
 __all__ = ["Trainer", "warmup_cosine"]
@@ -45,17 +50,10 @@ METHODS = ("zo", "fo")
 LR_SCHEDULES = ("cosine", "constant")
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int = 0, final_fraction: float = 0.0) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over ``warmup_steps``, then cosine decay to ``final_fraction``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        t = min(1.0, (step - warmup_steps) / span)
-        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return factor
+def warmup_cosine(total_steps: int, warmup_steps: int = 0, final_fraction: float = 0.0) -> WarmupCosine:
+    """LR multiplier: linear warm-up over ``warmup_steps``, then cosine decay to ``final_fraction``
+    (:class:`zoblackbox.schedules.WarmupCosine`; kept under this name for existing code)."""
+    return WarmupCosine(total_steps, warmup_steps, final_fraction)
 
 
 class Trainer:
@@ -128,11 +126,8 @@ class Trainer:
         self.budget, self.output_dir = budget, Path(output_dir) if output_dir is not None else None
         self.checkpoint_every, self.progress = checkpoint_every, progress
         self.checkpoint_every_steps = checkpoint_every_steps
-        self.optimizer = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr,
-                                        **(optimizer_kwargs or {}))
         total = epochs * self.steps_per_epoch
-        factor = warmup_cosine(total, warmup_steps) if lr_schedule == "cosine" else (lambda step: 1.0)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        schedule = WarmupCosine(total, warmup_steps) if lr_schedule == "cosine" else Constant()
         self.zo = None
         self.layout = ParamLayout.from_tensors([(n, p) for n, p in model.named_parameters() if p.requires_grad])
         self.sparse = sparse
@@ -144,11 +139,16 @@ class Trainer:
         self.coords: torch.Tensor | None = None
         if method == "zo":
             self.zo = ZOGradient(model, loss_fn, estimator=estimator, bn_policy=bn_policy, scheduler=scheduler,
-                                 budget=budget, **(oracle_kwargs or {}))
+                                 **(oracle_kwargs or {}))
             n_coords = sparse.sampler.n_active if sparse is not None else None
             self.step_cost = self.zo.estimator.num_queries(self.zo.oracle.dim, n_coords)
             if budget is not None and budget < self.step_cost:
                 raise ConfigError(f"budget={budget} is below the cost of one step ({self.step_cost} queries)")
+        # the one loop: the engine owns the update rule, the LR schedule and the query budget
+        self.engine = AskTell(self._flat_params().detach(), estimator=self.zo.estimator if self.zo else
+                              CoordinateEstimator(), optimizer=optimizer, lr=lr, optimizer_kwargs=optimizer_kwargs,
+                              lr_schedule=schedule, budget=budget if method == "zo" else None,
+                              evaluate_final=False)
         self.epoch = 0
         self.global_step = 0
         self._epoch_start = True
@@ -162,6 +162,16 @@ class Trainer:
         self._failures_logged = 0  # oracle failures already written to failures.jsonl
 
     # ------------------------------------------------------------------ metrics
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The engine's ``torch.optim`` optimizer (over the flat parameter vector)."""
+        return self.engine.rule.opt
+
+    @property
+    def lr_schedule(self):
+        """The engine's ``LambdaLR`` over :attr:`optimizer`."""
+        return self.engine.rule.sched
+
     @property
     def queries(self) -> int:
         """ZO queries spent so far (0 for first-order training)."""
@@ -206,28 +216,39 @@ class Trainer:
             self.coords = sp.sampler.sample(self._flat_params()).to(self.device)
             self._mask_drawn_at = counter
 
-    def _step(self, xb, yb) -> float:
+    def _step(self, xb, yb) -> float | None:
+        """One engine iteration on this batch; ``None`` when the engine's budget ended the run."""
         self._maybe_redraw_mask()
-        self.optimizer.zero_grad(set_to_none=True)
+        eng = self.engine
+        eng.coords = self.coords
+        eng.freeze = None
+        if self.coords is not None and self.sparse.freeze_inactive:
+            eng.freeze = torch.ones(self.layout.dim, dtype=torch.bool, device=self.device)
+            eng.freeze[self.coords] = False
         if self.zo is not None:
-            loss = self.zo.backward(xb, yb, coords=self.coords)
-            loss = math.nan if loss is None else loss
+            oracle = self.zo.oracle
+            oracle.set_batch(xb, yb)
+            x = eng.rule.x.clone()
+            record = eng.step(oracle, self.zo.scheduler)
+            if record is None:
+                return None
+            oracle.update_bn_stats(x)
+            loss = math.nan if record["f0"] is None else record["f0"]
         else:
+            for p in self.model.parameters():
+                p.grad = None
             out = self.model(xb.to(self.device))
             loss_t = self.loss_fn(out, yb.to(self.device))
             loss_t.backward()
             loss = float(loss_t.detach())
             if self.coords is not None:
                 self._mask_grads()
-        before = self._flat_params() if self.sparse is not None and self.sparse.freeze_inactive else None
-        self.optimizer.step()
-        if before is not None:
-            after = self._flat_params()
-            inactive = torch.ones_like(after, dtype=torch.bool)
-            inactive[self.coords] = False
-            after[inactive] = before[inactive]
-            self._set_flat_params(after)
-        self.lr_schedule.step()
+            named = dict(self.model.named_parameters())
+            grad = self.layout.flatten({n: named[n].grad if named[n].grad is not None else torch.zeros_like(named[n])
+                                        for n in self.layout.names})
+            if eng.step_gradient(grad, loss) is None:
+                return None
+        self._set_flat_params(eng.rule.x)
         self.global_step += 1
         return loss
 
@@ -277,9 +298,6 @@ class Trainer:
             for i, (xb, yb) in enumerate(bar):
                 if i < skip:  # used before the checkpoint this run resumed from
                     continue
-                if self.budget is not None and self.queries + self.step_cost > self.budget:
-                    stop_reason = f"query budget reached ({self.queries} of {self.budget})"
-                    break
                 try:
                     loss = self._step(xb, yb)
                 except OracleError as exc:
@@ -291,6 +309,9 @@ class Trainer:
                         exc.add_note(note)
                     logger.error("%s; %s", exc, note)
                     raise
+                if loss is None:  # the engine stopped: the next step would overrun the query budget
+                    stop_reason = f"query budget reached ({self.queries} of {self.budget})"
+                    break
                 self._epoch_losses.append(loss)
                 self._batch_in_epoch += 1
                 self._epoch_start = False
@@ -379,8 +400,7 @@ class Trainer:
     def state_dict(self) -> dict:
         state = {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_schedule": self.lr_schedule.state_dict(),
+            "engine": self.engine.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "epoch": self.epoch,
             "global_step": self.global_step,
@@ -399,8 +419,6 @@ class Trainer:
                                "coords": self.coords.cpu() if self.coords is not None else torch.empty(0)}
         if self.zo is not None:
             state["oracle"] = self.zo.oracle.state_dict()
-            if hasattr(self.zo.estimator, "state_dict"):
-                state["estimator"] = self.zo.estimator.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -410,9 +428,8 @@ class Trainer:
             raise CheckpointError(f"the checkpoint was taken after batch {batch_in_epoch!r} of an epoch, but this "
                                   f"train_loader has {self.steps_per_epoch} batches per epoch")
         try:
+            self.engine.load_state_dict(state["engine"])  # checked against this trainer's run first
             self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.lr_schedule.load_state_dict(state["lr_schedule"])
             torch.set_rng_state(state["torch_rng"])
             self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
             self._wall_offset = float(state["wall_offset"])
@@ -433,8 +450,6 @@ class Trainer:
         if self.zo is not None:
             if "oracle" in state:
                 self.zo.oracle.load_state_dict(state["oracle"])
-            if "estimator" in state and hasattr(self.zo.estimator, "load_state_dict"):
-                self.zo.estimator.load_state_dict(state["estimator"])
             self._failures_logged = len(self.zo.oracle.failures)
 
     def save_checkpoint(self) -> Path:
