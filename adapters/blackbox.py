@@ -35,10 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from zoblackbox.engine import AskTell
 from zoblackbox.errors import BudgetExhaustedError, ConfigError, OracleError
 from zoblackbox.estimators import CoordinateEstimator, Estimator, RandomEstimator
 from zoblackbox.oracle import Oracle, RawResult
 from zoblackbox.params import ParamLayout
+from zoblackbox.schedules import WarmupCosine
 from zoblackbox.smoothing import check_sigma
 
 from .torch_module import resolve_params
@@ -417,29 +419,46 @@ def _batches(n: int, batch_size: int, epochs: int, generator: torch.Generator):
             yield epoch, idx
 
 
-def _cosine(opt: torch.optim.Optimizer, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))))
+def _total_steps(images: torch.Tensor, epochs: int, batch_size: int) -> int:
+    return epochs * math.ceil(images.shape[0] / batch_size)
 
 
-def _run_epochs(images, epochs, batch_size, seed, step_fn, params, lr, report) -> TrainingReport:
-    """The loop every trainer shares: shuffled mini-batches with fresh noise, Adam, cosine LR."""
+def _epoch_loop(images, epochs, batch_size, seed, step_fn, report) -> TrainingReport:
+    """Shuffled mini-batches (a ``torch.Generator`` seeded with ``seed``, which ``step_fn(idx, g)``
+    also draws the noise from), the per-epoch mean loss in ``report.history``. ``step_fn`` returns
+    the step's loss, or ``None`` when training has to stop (that batch is not counted)."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(params, lr=lr)
-    total = epochs * math.ceil(images.shape[0] / batch_size)
-    sched = _cosine(opt, total)
     t0, losses, last_epoch = time.perf_counter(), [], 0
     for epoch, idx in _batches(images.shape[0], batch_size, epochs, g):
         if epoch != last_epoch:
             report.history.append({"epoch": last_epoch + 1, "loss": sum(losses) / max(1, len(losses))})
             losses, last_epoch = [], epoch
-        opt.zero_grad(set_to_none=True)
-        losses.append(step_fn(idx, g))
-        opt.step()
-        sched.step()
+        loss = step_fn(idx, g)
+        if loss is None:
+            break
+        losses.append(loss)
         report.steps += 1
-    report.history.append({"epoch": last_epoch + 1, "loss": sum(losses) / max(1, len(losses))})
+    if losses:
+        report.history.append({"epoch": last_epoch + 1, "loss": sum(losses) / max(1, len(losses))})
     report.wall_s += time.perf_counter() - t0
     return report
+
+
+def _run_epochs(images, epochs, batch_size, seed, step_fn, params, lr, report) -> TrainingReport:
+    """The first-order trainers' loop: :func:`_epoch_loop` with Adam on ``params`` and a cosine LR
+    (:class:`~zoblackbox.schedules.WarmupCosine` over all steps); ``step_fn`` leaves the gradients in
+    ``.grad`` and returns the loss."""
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(total_steps=_total_steps(images, epochs, batch_size)))
+
+    def step(idx, g):
+        opt.zero_grad(set_to_none=True)
+        loss = step_fn(idx, g)
+        opt.step()
+        sched.step()
+        return loss
+
+    return _epoch_loop(images, epochs, batch_size, seed, step, report)
 
 
 def _noisy(x: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
@@ -580,6 +599,11 @@ def train_zo_sparse(denoiser: nn.Module, blackbox: BlackBoxClassifier, images: t
     redraws the active coordinates every ``mask_interval`` steps; each step estimates only those
     (``n_active + 1`` oracle queries with forward CGE, each classifying the batch) and Adam updates
     the dense denoiser. ``mse_weight > 0`` adds the (white-box, autograd) denoising loss.
+
+    The loop is a driver of :class:`~zoblackbox.AskTell` over the flat parameter vector (the mask
+    is the engine's ``coords``, the MSE term one of its ``gradient_hooks``); after every step the
+    denoiser is loaded with the engine's iterate. ``budget`` bounds the oracle's queries, ZO-GraSP's
+    included: training stops before a step that would exceed it (``report.info["stopped"]`` says so).
     """
     from zoblackbox.sparsity import CoordinateSampler, PruningRatios, uniform_ratios, zo_grasp
 
@@ -609,23 +633,38 @@ def train_zo_sparse(denoiser: nn.Module, blackbox: BlackBoxClassifier, images: t
                                                "n_active": sampler.n_active, "params": oracle.layout.dim,
                                                "mask_interval": mask_interval, "mse_weight": mse_weight})
     named = dict(denoiser.named_parameters())
-    state = {"coords": None}
+    trained = [named[n] for n in oracle.layout.names]
+    total = _total_steps(images, epochs, batch_size)
+    engine = AskTell(oracle.get_params(), estimator=estimator, optimizer="adam", lr=lr,
+                     lr_schedule=WarmupCosine(total_steps=total), maxiter=total, evaluate_final=False)
+    batch: dict = {}
+    if mse_weight:
+        def white_box_mse(x, grad):  # the denoiser holds x (loaded after every step)
+            loss = mse_weight * F.mse_loss(denoiser(batch["noisy"]), batch["x"])
+            grads = torch.autograd.grad(loss, trained, allow_unused=True)
+            parts = {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(oracle.layout.names, trained, grads)}
+            return grad + oracle.layout.flatten(parts).to(grad.dtype)
+
+        engine.gradient_hooks.append(white_box_mse)
     denoiser.train()
 
     def step(idx, gen):
         x = images[idx]
         noisy = _noisy(x, sigma, gen)
         if report.steps % mask_interval == 0:
-            state["coords"] = sampler.sample()
+            engine.coords = sampler.sample()
         oracle.set_batch(noisy, targets[idx])
-        est = estimator.estimate(oracle, oracle.get_params(), coords=state["coords"])
-        for name, grad in oracle.layout.unflatten(est.grad).items():
-            named[name].grad = grad.clone()
-        if mse_weight:
-            (mse_weight * F.mse_loss(denoiser(noisy), x)).backward()
-        return est.f0 if est.f0 is not None else math.nan
+        batch.update(x=x, noisy=noisy)
+        record = engine.step(oracle)
+        if record is None:  # the engine stopped: the oracle's budget cannot pay for this step (or x diverged)
+            report.info["stopped"] = engine.message
+            return None
+        with torch.no_grad():
+            for p, value in zip(trained, oracle.layout.unflatten(engine.x).values()):
+                p.copy_(value)
+        return record["f0"] if record["f0"] is not None else math.nan
 
-    _run_epochs(images, epochs, batch_size, seed + 1, step, list(denoiser.parameters()), lr, report)
+    _epoch_loop(images, epochs, batch_size, seed + 1, step, report)
     report.queries = blackbox.queries - q0
     report.oracle_queries = oracle.nfev
     report.failures = oracle.failure_report()

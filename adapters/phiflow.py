@@ -47,10 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoblackbox.engine import AskTell
 from zoblackbox.errors import ConfigError, MissingDependencyError
 from zoblackbox.estimators import CoordinateEstimator, Estimator
 from zoblackbox.oracle import Oracle, RawResult
 from zoblackbox.params import ParamLayout
+from zoblackbox.schedules import schedule_from
 
 __all__ = [
     "DEFAULT_MU",
@@ -558,10 +560,14 @@ class TrainResult:
     failures: dict = field(default_factory=dict)
 
 
-def _lr_factor(schedule: str, t: int, total: int, final: float = 0.1) -> float:
-    if schedule == "constant" or total <= 1:
-        return 1.0
-    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t / (total - 1)))
+#: the PDE methods' cosine decays to this fraction of the peak learning rate at the last step
+FINAL_LR_FRACTION = 0.1
+
+
+def _lr_schedule(name: str, steps: int):
+    """The LR factor per optimizer step: ``"cosine"`` from 1 at step 0 to :data:`FINAL_LR_FRACTION`
+    at the last step (``steps - 1``), or ``"constant"``."""
+    return schedule_from(name, max(1, steps - 1), final_fraction=FINAL_LR_FRACTION)
 
 
 def _check_training(steps, lr, schedule) -> None:
@@ -576,7 +582,7 @@ def _check_training(steps, lr, schedule) -> None:
 def _adam(x0: torch.Tensor, lr: float, schedule: str, steps: int):
     param = nn.Parameter(x0.detach().clone().to(torch.float64))
     opt = torch.optim.Adam([param], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: _lr_factor(schedule, t, steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_schedule(schedule, steps))
     return param, opt, sched
 
 
@@ -642,12 +648,16 @@ def train_zo_sol(oracle: SolverInTheLoopOracle, *, estimator: Estimator | None =
                  budget: int | None = None, scheduler=None, log_every: int = 10, callback=None) -> TrainResult:
     """ZO-SOL: Adam on ZO estimates of the oracle's gradient; the solver is only queried.
 
+    A driver of :class:`~zoblackbox.AskTell`: each step draws a minibatch
+    (:meth:`SolverInTheLoopOracle.sample_batch`) and runs one engine iteration against the oracle.
+
     Args:
         estimator: default :func:`default_estimator` (forward CGE, ``mu = 1e-6``); pass a
             ``RandomEstimator`` for RGE-SOL.
         x0: starting parameters (e.g. NON's, the warm start); default the network's.
         steps: optimizer steps (fewer if ``budget`` runs out first).
-        budget: queries this run may spend; a step that would overrun it is not started.
+        budget: queries this run may spend (the engine's budget; the oracle's own ``budget`` is not
+            changed); a step that would overrun it is not started.
         scheduler: a ``zoblackbox.schedule`` scheduler (default: the oracle's batched evaluation).
         callback: ``callback(step, params)`` after every step; returning ``True`` stops.
     """
@@ -659,21 +669,21 @@ def train_zo_sol(oracle: SolverInTheLoopOracle, *, estimator: Estimator | None =
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < cost):
         raise ConfigError(f"budget must be an int >= one step's {cost} queries ({estimator!r}), got {budget!r}")
     t0, calls0, rows0, nfev0 = time.perf_counter(), oracle.step.calls, oracle.step.rows, oracle.nfev
-    param, opt, sched = _adam(oracle.get_params() if x0 is None else x0, lr, lr_schedule, steps)
-    history, done = [], 0
-    for it in range(steps):
-        if budget is not None and oracle.nfev - nfev0 + cost > budget:
-            break
+    start = oracle.get_params() if x0 is None else x0
+    engine = AskTell(start.detach().to(torch.float64), estimator=estimator, optimizer="adam", lr=lr,
+                     lr_schedule=_lr_schedule(lr_schedule, steps), maxiter=steps, budget=budget,
+                     evaluate_final=False)
+    history = []
+    while not engine.done:  # done before a step past maxiter or the budget: no minibatch is drawn for it
         oracle.sample_batch()
-        est = estimator.estimate(oracle, param.detach().to(oracle.dtype), scheduler=scheduler)
-        opt.zero_grad(set_to_none=True)
-        param.grad = est.grad.to(param.dtype)
-        opt.step()
-        sched.step()
-        done = it + 1
-        if it % log_every == 0 or it == steps - 1:
-            history.append({"step": it, "loss": est.f0, "queries": oracle.nfev - nfev0, "n_failed": est.n_failed})
-        if callback is not None and callback(it, param.detach()):
+        record = engine.step(oracle, scheduler)
+        if record is None:
             break
-    return TrainResult(param.detach().clone(), done, oracle.nfev - nfev0, oracle.step.calls - calls0,
+        it = engine.nit - 1
+        if it % log_every == 0 or it == steps - 1:
+            history.append({"step": it, "loss": record["f0"], "queries": oracle.nfev - nfev0,
+                            "n_failed": record["n_failed"]})
+        if callback is not None and callback(it, engine.x):
+            break
+    return TrainResult(engine.x, engine.nit, oracle.nfev - nfev0, oracle.step.calls - calls0,
                        oracle.step.rows - rows0, time.perf_counter() - t0, history, oracle.failure_report())

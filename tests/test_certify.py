@@ -322,3 +322,63 @@ def test_cli_certify_rejects_bad_values(capsys):
             main(["certify", *argv])
         assert info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_zo_sparse_is_a_driver_of_the_engine(digits, monkeypatch):
+    """train_zo_sparse runs AskTell over the denoiser's flat parameters: one engine iteration per
+    batch, each estimating the active coordinates only, and the denoiser holds the engine's iterate."""
+    from zoblackbox import AskTell
+
+    split, model = digits
+    engines = []
+    original = AskTell.step
+
+    def recording_step(self, oracle, scheduler=None):
+        if not engines or engines[-1] is not self:
+            engines.append(self)
+        return original(self, oracle, scheduler)
+
+    monkeypatch.setattr(AskTell, "step", recording_step)
+    bb = BlackBoxClassifier(model, num_classes=10, input_shape=SHAPE)
+    torch.manual_seed(0)
+    den = mlp_denoiser(SHAPE, (8,))
+    images = split.x_train[:50]
+    report = train_zo_sparse(den, bb, images, sigma=0.5, sparsity=0.9, epochs=2, batch_size=20, grasp_q=4,
+                             mask_interval=2, mse_weight=0.5)
+    n_active, grasp = report.info["n_active"], 2 * (4 + 1)
+    assert report.steps == 2 * 3 and len(report.history) == 2
+    assert report.oracle_queries == report.steps * (n_active + 1) + grasp
+    assert report.queries == bb.queries == 50 + grasp * 20 + 2 * ((n_active + 1) * (20 + 20 + 10))
+    (engine,) = engines
+    assert engine.nit == report.steps == len(engine.history) and engine.nfev == report.steps * (n_active + 1)
+    named = dict(den.named_parameters())
+    flat = torch.cat([named[n].detach().reshape(-1) for n in ("1.weight", "1.bias", "3.weight", "3.bias")])
+    assert torch.equal(flat, engine.x)
+    assert all(math.isfinite(h["loss"]) for h in report.history)
+
+
+def test_zo_sparse_estimates_each_steps_own_mask(digits, monkeypatch):
+    """The mask drawn at step k (every mask_interval steps) is the one step k's estimate covers."""
+    from zoblackbox.sparsity import CoordinateSampler
+
+    split, model = digits
+    masks, planned = [], []
+    sample, evaluate_plan = CoordinateSampler.sample, DenoiserOracle.evaluate_plan
+
+    def recording_sample(self, x=None):
+        masks.append(sample(self, x))
+        return masks[-1]
+
+    def recording_plan(self, plan, chunk_size=None):
+        planned.append(plan.coords.clone())
+        return evaluate_plan(self, plan, chunk_size)
+
+    monkeypatch.setattr(CoordinateSampler, "sample", recording_sample)
+    monkeypatch.setattr(DenoiserOracle, "evaluate_plan", recording_plan)
+    bb = BlackBoxClassifier(model, num_classes=10, input_shape=SHAPE)
+    torch.manual_seed(0)
+    report = train_zo_sparse(mlp_denoiser(SHAPE, (8,)), bb, split.x_train[:40], sigma=0.5, sparsity=0.9,
+                             ratios="uniform", epochs=1, batch_size=8, mask_interval=2)
+    assert report.steps == 5 and len(planned) == 5 and len(masks) == 3
+    for k, coords in enumerate(planned):
+        assert torch.equal(coords, masks[k // 2]), k

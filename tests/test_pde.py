@@ -325,3 +325,36 @@ def test_pde_command_rejects_bad_values(capsys):
     rc = main(["pde", "--n-train", "1", "--n-test", "1", "--sim-steps", "4", "--warmup", "0", "--unroll", "9",
                "--method", "src"])
     assert rc == 2 and "--unroll 9 exceeds the 4 recorded steps" in capsys.readouterr().err
+
+
+def test_zo_sol_is_a_driver_of_the_engine_and_leaves_the_oracles_budget_alone(burgers, monkeypatch):
+    """train_zo_sol runs AskTell: one engine iteration per step, the run's budget is the engine's
+    (exact, no query kept for a final evaluation) and the user's oracle keeps its own budget."""
+    from zoblackbox import AskTell
+
+    step, train, _ = burgers
+    oracle = SolverInTheLoopOracle(step, _net(), train, unroll=3, batch_size=1, seed=0, budget=10_000)
+    calls = []
+    original = AskTell.step
+
+    def counting_step(self, oracle_, scheduler=None):
+        calls.append(oracle_.nfev)
+        return original(self, oracle_, scheduler)
+
+    monkeypatch.setattr(AskTell, "step", counting_step)
+    before = oracle.nfev
+    for budget, steps in ((40, 3), (33, 3), (32, 2), (11, 1)):  # q=10: 11 queries a step
+        start = oracle.nfev
+        res = train_zo_sol(oracle, estimator=RandomEstimator(mu=1e-6, q=10, seed=0), steps=100, budget=budget,
+                           lr=1e-3, log_every=1)
+        assert res.steps == steps and res.queries == oracle.nfev - start == 11 * steps <= budget
+        assert [h["queries"] for h in res.history] == [11 * (i + 1) for i in range(steps)]
+        assert oracle.budget == 10_000
+    assert len(calls) == 3 + 3 + 2 + 1 and oracle.nfev - before == 11 * 9
+    # steps, not the budget, end the run: no engine step past them, and the callback sees every step
+    seen = []
+    res = train_zo_sol(oracle, estimator=RandomEstimator(mu=1e-6, q=4, seed=0), steps=4, lr=1e-3,
+                       callback=lambda it, p: seen.append((it, p.clone())))
+    assert res.steps == 4 and len(calls) == 9 + 4 and [it for it, _ in seen] == [0, 1, 2, 3]
+    assert torch.equal(seen[-1][1], res.params) and res.params.dtype == torch.float64
+    assert oracle.budget == 10_000

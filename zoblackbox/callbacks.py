@@ -39,6 +39,8 @@ class ScipyCallback:
         self.callback = callback
 
     def __call__(self, engine, record: dict) -> bool:
+        if not engine.rule.counts_iteration:  # L-BFGS's gradient at x0 is recorded, not an iteration
+            return False
         try:
             return self.callback(engine.intermediate_result(record)) is True
         except StopIteration:

@@ -240,7 +240,7 @@ class AskTell:
                 f"budget={budget!r} is below the cost of one iteration ({step_cost} queries for {estimator!r} "
                 f"at dim={self.dim})" + (" plus the final evaluation (1 query)" if final else ""))
         self.x0 = x.clone()
-        self.coords = None
+        self._coords = None
         self.freeze: torch.Tensor | None = None
         self.observers: list[Callable] = []
         self.gradient_hooks: list[Callable] = []
@@ -341,16 +341,22 @@ class AskTell:
     # ------------------------------------------------------------------ driving through an oracle
     def step(self, oracle: Oracle, scheduler=None) -> dict | None:
         """Run one iteration against ``oracle`` (through ``scheduler`` if given); returns its
-        history record, or ``None`` when the run ended without finishing another iteration."""
+        history record, or ``None`` when the run ended without finishing another iteration.
+
+        The next iteration's plan is not built before the next call, so what a driver sets in
+        between (``oracle.set_batch(...)``, :attr:`coords`) applies to it."""
         view = self._view(oracle)
         self._limit_source = view.unwrapped
         finished = self._iterations
-        while self._iterations == finished and not self.done:
+        while True:
+            self._settle()
+            if self.phase == "done" or self._iterations != finished:
+                break
             plan = self._pending
             keep = 0 if self.phase == "final" else self.rule.keep
             view.set_limit(None if self.budget is None else self.budget - self.nfev - keep)
-            before = view.nfev
             target = view if self.budget is not None else view.unwrapped  # no limit of the run's own: no view
+            before = view.nfev
             try:
                 losses = _evaluate(target, plan, scheduler)
             except BudgetExhaustedError as exc:
@@ -358,7 +364,9 @@ class AskTell:
                 continue
             self._accept(losses.to(torch.float64), view.nfev - before)  # the oracle applied its failure policy
             self.n_failed += int((~torch.isfinite(losses)).sum())
-            self._settle()
+            self._settle(hold=True)
+            if self._iterations != finished:
+                break
         return self.history[-1] if self._iterations != finished and self.history else None
 
     def step_gradient(self, grad: torch.Tensor, f0: float | None = None) -> dict | None:
@@ -534,7 +542,36 @@ class AskTell:
                 raise
             raise CheckpointError(f"the state does not replay on this run: {type(exc).__name__}: {exc}") from exc
 
+    @property
+    def coords(self) -> torch.Tensor | None:
+        """The coordinates the next gradient estimate covers (``None``: all)."""
+        return self._coords
+
+    @coords.setter
+    def coords(self, value) -> None:
+        if value is not None:
+            value = torch.as_tensor(value)
+            if value.dtype == torch.bool:
+                if value.shape != (self.dim,):
+                    raise ConfigError(f"a boolean coordinate mask must have shape ({self.dim},), got "
+                                      f"{tuple(value.shape)}")
+                value = value.nonzero().flatten()
+            value = value.to(device=self.device, dtype=torch.long).reshape(-1)
+        self._coords = value
+        if self.phase != "run" or self._log or self._replaying:
+            return  # mid-iteration: the mask applies from the next iteration on
+        if self._fresh:  # no plan built yet: the iteration starts with these coordinates
+            self._boundary["coords"] = torch.empty(0, dtype=torch.long) if value is None else value.cpu().clone()
+            self._boundary["has_coords"] = value is not None
+            return
+        # a plan was asked for but nothing told: draw it again with the new coordinates
+        self._gen.close()
+        if self._boundary["estimator"] and hasattr(self.estimator, "load_state_dict"):
+            self.estimator.load_state_dict(self._boundary["estimator"])
+        self._begin_iteration()
+
     # ------------------------------------------------------------------ the state machine
+    _fresh = True
     _views: BudgetView | None = None
     _last_grad: torch.Tensor | None = None
     _observed_x: torch.Tensor | None = None
@@ -563,9 +600,13 @@ class AskTell:
         self._pending = None
         self._send = values
 
-    def _settle(self) -> None:
-        """Advance the state machine until there is a pending ask or the run is done."""
+    def _settle(self, hold: bool = False) -> None:
+        """Advance the state machine until there is a pending ask or the run is done (with
+        ``hold``, stop before building the first plan of a new iteration or of the final phase)."""
         while self.phase != "done" and self._pending is None:
+            if hold and self._fresh:
+                return
+            self._fresh = False
             send, self._send = self._send, None
             try:
                 plan = next(self._gen) if send is None else self._gen.send(send)
@@ -590,14 +631,14 @@ class AskTell:
     def _begin_iteration(self) -> None:
         self._boundary = self._snapshot()
         self._log = []
-        self._pending, self._send = None, None
+        self._pending, self._send, self._fresh = None, None, True
         self._gen = self.rule.iteration(self)
 
     def _begin_final(self) -> None:
         self.phase = "final"
         self._boundary = self._snapshot()
         self._log = []
-        self._pending, self._send = None, None
+        self._pending, self._send, self._fresh = None, None, True
         if not self.evaluate_final:
             self._finish(self.rule.x, self._last_f0(), "")
             return
@@ -609,8 +650,7 @@ class AskTell:
         if self.rule.counts_iteration:
             self.nit += 1
         self._append_history(record, nit=self.nit)
-        # L-BFGS's first iteration (the gradient at x0) is recorded but not an iteration for callbacks
-        if self.rule.counts_iteration and not self._replaying and self._notify(self.history[-1]):
+        if not self._replaying and self._notify(self.history[-1]):
             self._stop("stopped by the callback", True)
             return
         self._begin_iteration()
@@ -698,7 +738,7 @@ class AskTell:
             raise CheckpointError(f"the state's history is not a list: {short_repr(history)}")
         self.history = history
         self.message, self.success = str(snap["message"]), bool(snap["success"])
-        self.coords = snap["coords"].to(self.device) if snap["has_coords"] else None
+        self._coords = snap["coords"].to(self.device) if snap["has_coords"] else None
         self.freeze = snap["freeze"].to(self.device) if snap["freeze"].numel() else None
         self._wall_offset, self._t0 = float(snap["wall"]), time.perf_counter()
         self._final = None
