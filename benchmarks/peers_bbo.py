@@ -292,35 +292,38 @@ def _cnn_steps(problem, sparsity: float, budget: int) -> int:
 
 
 def run_cge_recipe(problem, recipe: dict = CNN_RECIPE, budget: int | None = None) -> dict:
-    """``recipe`` through the torch bridge: ``ZOGradient`` (CGE, ``FeatureReuseScheduler``) fills
-    ``p.grad`` on the coordinates a ``CoordinateSampler`` draws (uniform ratios), and a stock
-    ``torch.optim.AdamW`` with ``CosineAnnealingLR`` steps. ``budget`` caps the queries (exact)."""
+    """``recipe`` as a driver of the ask/tell engine: CGE through the ``FeatureReuseScheduler`` on
+    the coordinates a ``CoordinateSampler`` draws (uniform ratios), AdamW with a cosine schedule
+    (torch's ``CosineAnnealingLR`` closed form, ``WarmupCosine(steps)``). ``budget`` caps the
+    queries (exact)."""
     import cge_vs_rge as cvr
     import torch.nn.functional as F
 
-    from zoblackbox import ZOGradient
+    from zoblackbox import AskTell
     from zoblackbox.schedule import FeatureReuseScheduler
+    from zoblackbox.schedules import WarmupCosine
     from zoblackbox.sparsity import CoordinateSampler, uniform_ratios
+    from zoblackbox.torch_module import ModuleOracle
 
     model = cvr.make_model(cvr.EB_CHANNELS, cvr.EB_HIDDEN, problem.seed)
     t0 = time.perf_counter()
-    zo = ZOGradient(model, F.cross_entropy, estimator=CoordinateEstimator(mu=recipe["mu"]),
-                    scheduler=FeatureReuseScheduler(), budget=budget)
+    oracle = ModuleOracle(model, F.cross_entropy, batch=(problem.x_batch, problem.y_batch))
     sampler = None
     if recipe["sparsity"] > 0:
-        sampler = CoordinateSampler(zo.oracle.layout, uniform_ratios(zo.oracle.layout, recipe["sparsity"]),
+        sampler = CoordinateSampler(oracle.layout, uniform_ratios(oracle.layout, recipe["sparsity"]),
                                     biases="layer", seed=problem.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe["steps"])
+    engine = AskTell(oracle.get_params(), estimator=CoordinateEstimator(mu=recipe["mu"]), optimizer="adamw",
+                     lr=recipe["lr"], optimizer_kwargs={"weight_decay": recipe["weight_decay"]},
+                     lr_schedule=WarmupCosine(recipe["steps"]), maxiter=recipe["steps"], budget=budget,
+                     evaluate_final=False)
+    scheduler = FeatureReuseScheduler()
     for _ in range(recipe["steps"]):
-        opt.zero_grad()
-        zo.backward(problem.x_batch, problem.y_batch, coords=None if sampler is None else sampler.sample())
-        opt.step()
-        sched.step()
+        engine.coords = None if sampler is None else sampler.sample()  # before the step builds its plan
+        if engine.step(oracle, scheduler) is None:
+            break
     wall = time.perf_counter() - t0
-    named = dict(model.named_parameters())
-    x = problem.layout.flatten({n: named[n].detach() for n in problem.layout.names})
-    return {**problem.metrics(x), "x": x, "queries": zo.nfev, "wall_s": wall, "steps": recipe["steps"],
+    x = engine.x.detach()
+    return {**problem.metrics(x), "x": x, "queries": oracle.nfev, "wall_s": wall, "steps": engine.nit,
             "recipe": recipe}
 
 

@@ -108,7 +108,11 @@ class OracleBlob:
 
 
 def oracle_blob(oracle: Oracle) -> OracleBlob:
-    """Serialize ``oracle`` for workers (counters left out); raises :class:`UnpicklableOracleError`."""
+    """Serialize ``oracle`` for workers (counters left out); raises :class:`UnpicklableOracleError`.
+
+    A counting view (the engine's :class:`~zoblackbox.engine.BudgetView`) sends the oracle it wraps:
+    the limit and the counting stay in the main process."""
+    oracle = getattr(oracle, "unwrapped", oracle)
     try:
         shadow = copy.copy(oracle)
         shadow.nfev = 0  # counters live in the main process; leaving them out keeps the token stable
