@@ -50,7 +50,7 @@ import _common
 import torch
 from _common import bar_chart, machine_info, new_figure, save_figure, set_threads, warn_if_busy, write_json
 
-from zoblackbox.faults import FAULT_KINDS, Beacon, FaultyLoss, WorkerKiller, injected_counts
+from zoblackbox.testing import FAULT_KINDS, Beacon, FaultyLoss, WorkerKiller, injected_counts
 
 REPO = Path(__file__).resolve().parents[1]
 

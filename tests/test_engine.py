@@ -42,11 +42,11 @@ def _drive(solver, f=_quad):
 
 
 CONFIGS = [
-    dict(estimator=CoordinateEstimator(mu=1e-6), optimizer="lbfgs", budget=300),
-    dict(estimator=CoordinateEstimator(), optimizer="adam", lr=0.1, budget=200),
-    dict(estimator=RandomEstimator(q=3, seed=7), optimizer="sgd", lr=0.01, budget=150),
-    dict(estimator=RandomEstimator(q=2, antithetic=True, seed=3), optimizer="adamw", lr=0.05, maxiter=20),
-    dict(estimator=CoordinateEstimator(mu=1e-6), optimizer=torch.optim.LBFGS, budget=120),
+    {"estimator": CoordinateEstimator(mu=1e-6), "optimizer": "lbfgs", "budget": 300},
+    {"estimator": CoordinateEstimator(), "optimizer": "adam", "lr": 0.1, "budget": 200},
+    {"estimator": RandomEstimator(q=3, seed=7), "optimizer": "sgd", "lr": 0.01, "budget": 150},
+    {"estimator": RandomEstimator(q=2, antithetic=True, seed=3), "optimizer": "adamw", "lr": 0.05, "maxiter": 20},
+    {"estimator": CoordinateEstimator(mu=1e-6), "optimizer": torch.optim.LBFGS, "budget": 120},
 ]
 
 
@@ -304,3 +304,31 @@ def test_minimize_resumes_after_sigkill_bitwise(tmp_path):
                          capture_output=True, text=True)
     assert "DONE" in out.stdout
     assert np.array_equal(np.load(ref + "-x.npy"), np.load(killed + "-x.npy"))
+
+
+def test_schedulers_see_through_the_engines_counting_view():
+    """With a run budget the engine evaluates through a BudgetView; the vectorized and feature-reuse
+    schedulers still take their model fast paths (and give the same run as the unbudgeted one)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from zoblackbox.engine import BudgetView
+    from zoblackbox.schedule import FeatureReuseScheduler, VectorizedScheduler
+    from zoblackbox.staged import is_plain_module_oracle, staging_of
+    from zoblackbox.torch_module import ModuleOracle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    batch = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    oracle = ModuleOracle(model, F.cross_entropy, batch=batch)
+    view = BudgetView(oracle, 100)
+    assert is_plain_module_oracle(view) and staging_of(view) is staging_of(oracle)
+    x0 = oracle.get_params()
+    for scheduler in (VectorizedScheduler(), FeatureReuseScheduler()):
+        cost = CoordinateEstimator().num_queries(oracle.dim)
+        budgeted = minimize(oracle, x0, estimator=CoordinateEstimator(), scheduler=scheduler, budget=3 * cost + 1,
+                            lr=0.1)
+        free = minimize(oracle, x0, estimator=CoordinateEstimator(), scheduler=scheduler, maxiter=3, lr=0.1)
+        assert budgeted.nit == free.nit == 3
+        assert np.allclose(budgeted.x, free.x, rtol=0, atol=1e-12)
+    assert oracle.budget is None

@@ -1,6 +1,7 @@
 """Oracle contract: counting, exact budgets, failure policies, input checks."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -155,3 +156,41 @@ def test_state_dict_roundtrip():
     o2 = FunctionOracle(lambda x: 0.0, dim=1)
     o2.load_state_dict(o.state_dict())
     assert o2.nfev == 2 and o2.failure_report() == o.failure_report()
+
+
+def test_numpy_function_oracle_computes_in_float64_by_default():
+    """A numpy function gets float64 points (numpy's precision), not torch's float32 default: a
+    perturbation of 1e-10 survives the conversion."""
+    seen = []
+    o = FunctionOracle(lambda x: seen.append(x.dtype) or float(x[0] - 1.0), dim=1, numpy=True)
+    assert o.dtype == torch.float64
+    assert o([1.0 + 1e-10]) == pytest.approx(1e-10, rel=1e-6)
+    assert seen == [np.float64]
+    vec = FunctionOracle(lambda X: X[:, 0] - 1.0, dim=1, numpy=True, vectorized=True)
+    assert vec.dtype == torch.float64 and vec.evaluate([[1.0 + 1e-10]]).item() == pytest.approx(1e-10, rel=1e-6)
+
+
+def test_function_oracle_dtype_explicit_and_torch_default():
+    """An explicit dtype wins over the numpy rule; torch functions keep torch's default dtype."""
+    assert FunctionOracle(lambda x: 0.0, dim=1, numpy=True, dtype=torch.float32).dtype == torch.float32
+    assert FunctionOracle(lambda x: 0.0, dim=1).dtype == torch.get_default_dtype()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert FunctionOracle(lambda x: 0.0, dim=1).dtype == torch.float64
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("name", ["vectorized", "numpy"])
+@pytest.mark.parametrize("value", ["False", 0, 1, None, [True]])
+def test_function_oracle_flags_must_be_bools(name, value):
+    """A truthy non-bool (the string 'False') would silently switch the mode on: it is refused."""
+    with pytest.raises(TypeError, match=rf"{name} must be a bool, got {type(value).__name__}: {re.escape(repr(value))}"):
+        FunctionOracle(lambda x: 0.0, dim=1, **{name: value})
+
+
+def test_function_oracle_accepts_numpy_bools():
+    o = FunctionOracle(lambda X: X.sum(1), dim=2, vectorized=np.bool_(True), numpy=np.True_)
+    assert o.vectorized is True and o.numpy is True
+    assert o.evaluate([[1.0, 2.0]]).tolist() == [3.0]

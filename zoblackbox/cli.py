@@ -1,4 +1,4 @@
-"""The ``zoblackbox`` command: ``zoblackbox demo``, ``zoblackbox train`` and ``zoblackbox certify``."""
+"""The ``zoblackbox`` command: ``demo``, ``train``, ``certify``, ``pde`` and ``minimize``."""
 
 from __future__ import annotations
 
@@ -11,36 +11,18 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .cli_args import positive_float, positive_int, probability, radii_list
 from .errors import ConfigError, ZOError
 from .sparsity import check_sparsity
 
-__all__ = ["build_parser", "main"]
+# the argument types live in cli_args (cli_pde needs them without importing cli); they stay importable from here
+__all__ = ["build_parser", "main", "positive_float", "positive_int", "probability", "radii_list"]
 
 DEMO_DEFAULTS = {"epochs": 12, "lr": 0.02, "batch_size": 128, "mu": 5e-3, "seed": 0, "threads": 1}
 SCHEDULERS = ("reuse", "vectorized", "serial", "oracle")
 DEEPZERO_RECIPE = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 256,
                    "mu": 5e-3, "sparsity": 0.9, "ratios": "zo-grasp", "mask_interval": 5, "warmup_epochs": 3,
                    "epochs": 50}
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
-    return value
 
 
 def _add_training_args(p: argparse.ArgumentParser, defaults: dict) -> None:
@@ -114,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(train, {k: None for k in DEMO_DEFAULTS})
     train.set_defaults(threads=None)
     _add_certify_parser(sub)
+    from .cli_minimize import register as register_minimize
     from .cli_pde import register as register_pde
 
     register_pde(sub)  # zoblackbox pde: its parser sets args.handler
+    register_minimize(sub)  # zoblackbox minimize --program: an external program through the engine
     return parser
 
 
@@ -188,7 +172,7 @@ def _sparse_schedule(args, model, split):
     if args.ratios == "uniform":
         ratios = uniform_ratios(layout, args.sparsity)
     elif args.ratios == "zo-grasp":
-        from .adapters.torch_module import ModuleOracle
+        from .torch_module import ModuleOracle
 
         idx = balanced_indices(split.y_train, per_class=25, seed=args.seed)
         oracle = ModuleOracle(model, F.cross_entropy, batch=(split.x_train[idx], split.y_train[idx]))
@@ -290,26 +274,6 @@ def cmd_train(args) -> int:
 
 
 CERTIFY_RADII = "0,0.25,0.5,0.75"
-
-
-def probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
-    return value
-
-
-def radii_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated radii such as 0,0.25,0.5, got {text!r}") from None
-    if not values or any(not v >= 0 or v == float("inf") for v in values):
-        raise argparse.ArgumentTypeError(f"expected non-negative finite radii, got {text!r}")
-    return values
 
 
 def _add_certify_parser(sub) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import positive_float, positive_int
+from .cli_args import positive_float, positive_int
 from .errors import ConfigError
 
 __all__ = ["METHODS", "RECIPES", "SCENARIOS", "Problem", "Recipe", "cmd_pde", "make_problem", "register",

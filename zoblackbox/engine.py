@@ -82,7 +82,7 @@ class BudgetView(Oracle):
     wrapped oracle's, so schedulers see through the view (:attr:`unwrapped`).
     """
 
-    def __init__(self, oracle: Oracle, limit: int | None = None):  # noqa: D107 - no Oracle.__init__: a view
+    def __init__(self, oracle: Oracle, limit: int | None = None):
         object.__setattr__(self, "unwrapped", oracle)
         self._start = oracle.nfev
         self.limit = limit

@@ -23,9 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import directions as _directions
+from . import shaping as _shaping
+from .directions import Directions, directions_from
 from .errors import ConfigError
 from .oracle import Oracle, as_vector, short_repr
 from .plan import QueryPlan
+from .shaping import FitnessShaping, shaping_from
 
 __all__ = ["CoordinateEstimator", "Estimate", "Estimator", "RandomEstimator", "StepUnderflow"]
 
@@ -237,25 +241,9 @@ class CoordinateEstimator(Estimator):
         return Estimate(grad.to(device=x.device, dtype=x.dtype), f0, len(plan), n_failed)
 
 
-_DIRECTIONS = ("gaussian", "sphere", "rademacher")
-_SHAPING = (None, "std", "rank")
-
-
-def _shape(plus: torch.Tensor, minus: torch.Tensor, how: str, *, with_base: bool):
-    """Fitness shaping of paired losses (``minus`` is the base loss repeated when ``with_base``)."""
-    values = torch.cat([plus, minus[:1]]) if with_base else torch.cat([plus, minus])
-    if how == "std":
-        sd = values.std(unbiased=False) if values.numel() > 1 else values.new_tensor(0.0)
-        sd = sd if sd > 0 else values.new_tensor(1.0)
-        return plus / sd, minus / sd
-    # centered ranks in [-0.5, 0.5]; ties get the mean of their ranks
-    from scipy.stats import rankdata
-
-    ranks = torch.as_tensor(rankdata(values.detach().cpu().numpy(), method="average") - 1.0,
-                            dtype=values.dtype, device=values.device)
-    centered = ranks / max(values.numel() - 1, 1) - 0.5
-    k = plus.numel()
-    return centered[:k], (centered[k:].expand(k) if with_base else centered[k:])
+def _spec(obj, builtin: bool):
+    """What ``directions=`` / ``fitness_shaping=`` shows: a built-in's name, else the object itself."""
+    return obj.name if builtin else obj
 
 
 class RandomEstimator(Estimator):
@@ -280,28 +268,37 @@ class RandomEstimator(Estimator):
     Args:
         mu: smoothing radius.
         q: number of directions per estimate (>= 1).
-        directions: ``"gaussian"``, ``"sphere"`` or ``"rademacher"``.
+        directions: a :class:`~zoblackbox.directions.Directions` (how the directions are drawn and
+            scaled) or a built-in's name: ``"gaussian"``, ``"sphere"`` or ``"rademacher"``.
         antithetic: use the two-sided (antithetic) scheme.
         seed: seed of the estimator's own generator (directions are reproducible from it).
         top_b: keep only the ``b`` antithetic pairs whose better side has the lowest loss
             (``min(f(x + mu u), f(x - mu u))``; Mania et al. 2018, ARS "V-t"); needs
             ``antithetic=True``; the estimate averages over the ``b`` kept pairs.
-        fitness_shaping: ``None`` (raw loss differences), ``"std"`` (differences divided by the
-            standard deviation of the losses used, ARS "V2") or ``"rank"`` (losses replaced by
-            centered ranks in ``[-0.5, 0.5]``, Salimans et al. 2017). Shaping makes the estimate
-            invariant to the loss's scale (useful for returns of simulators), so it is a search
-            direction rather than an unbiased gradient: ARS V2-t with step ``alpha`` is
-            ``RandomEstimator(mu=nu, q=N, antithetic=True, top_b=b, fitness_shaping="std")`` with
-            plain SGD at ``lr = 2 * nu * alpha``.
+        fitness_shaping: ``None`` (raw loss differences), a
+            :class:`~zoblackbox.shaping.FitnessShaping`, or a built-in's name: ``"std"``
+            (:class:`~zoblackbox.shaping.StdShaping`: differences divided by the standard deviation
+            of the losses used, ARS "V2") or ``"rank"`` (:class:`~zoblackbox.shaping.RankShaping`:
+            losses replaced by centered ranks in ``[-0.5, 0.5]``, Salimans et al. 2017). Shaping
+            makes the estimate invariant to the loss's scale (useful for returns of simulators), so
+            it is a search direction rather than an unbiased gradient: ARS V2-t with step ``alpha``
+            is ``RandomEstimator(mu=nu, q=N, antithetic=True, top_b=b, fitness_shaping="std")`` with
+            plain SGD at ``lr = 2 * nu * alpha`` (:func:`zoblackbox.presets.ars_v2t` builds it).
+
+    Attributes:
+        sampler: the :class:`~zoblackbox.directions.Directions` in use.
+        shaping: the :class:`~zoblackbox.shaping.FitnessShaping` in use, or ``None``.
+        directions, fitness_shaping: the same as specs: a built-in's name (``"gaussian"``,
+            ``"std"``...) whichever form was passed, a user-defined object itself.
     """
 
-    def __init__(self, mu: float = 5e-3, q: int = 20, directions: str = "gaussian", antithetic: bool = False,
-                 seed: int | None = 0, top_b: int | None = None, fitness_shaping: str | None = None):
+    def __init__(self, mu: float = 5e-3, q: int = 20, directions: str | Directions = "gaussian",
+                 antithetic: bool = False, seed: int | None = 0, top_b: int | None = None,
+                 fitness_shaping: str | FitnessShaping | None = None):
         self.mu = _check_mu(mu)
         if isinstance(q, bool) or not isinstance(q, int) or q < 1:
             raise ConfigError(f"q must be an int >= 1, got {q!r}")
-        if not isinstance(directions, str) or directions not in _DIRECTIONS:
-            raise ConfigError(f"directions must be one of {_DIRECTIONS}, got {directions!r}")
+        self.sampler: Directions = directions_from(directions)
         if not isinstance(antithetic, (bool, np.bool_)):
             raise ConfigError(f"antithetic must be a bool, got {antithetic!r}")
         if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer))
@@ -312,15 +309,33 @@ class RandomEstimator(Estimator):
                 raise ConfigError(f"top_b must be None or an int in [1, q={q}], got {top_b!r}")
             if not antithetic:
                 raise ConfigError(f"top_b={top_b} selects antithetic pairs: it needs antithetic=True")
-        if fitness_shaping not in _SHAPING:
-            raise ConfigError(f"fitness_shaping must be one of {_SHAPING}, got {fitness_shaping!r}")
+        self.shaping: FitnessShaping | None = shaping_from(fitness_shaping)
         self.q = q
-        self.directions = directions
         self.antithetic = bool(antithetic)
         self.top_b = top_b
-        self.fitness_shaping = fitness_shaping
         self.generator = torch.Generator()
         self.generator.manual_seed(0 if seed is None else int(seed))
+
+    # the specs stay readable, and equal to the names older code passed, for the built-ins
+    @property
+    def directions(self):
+        """The directions as a spec: a built-in's name (``"gaussian"``...) or the user's object.
+        Setting it (a name or a :class:`~zoblackbox.directions.Directions`) replaces ``sampler``."""
+        return _spec(self.sampler, _directions.is_builtin(self.sampler))
+
+    @directions.setter
+    def directions(self, spec) -> None:
+        self.sampler = directions_from(spec)
+
+    @property
+    def fitness_shaping(self):
+        """The shaping as a spec: ``None``, a built-in's name (``"std"``, ``"rank"``) or the user's
+        object. Setting it replaces ``shaping``."""
+        return None if self.shaping is None else _spec(self.shaping, _shaping.is_builtin(self.shaping))
+
+    @fitness_shaping.setter
+    def fitness_shaping(self, spec) -> None:
+        self.shaping = shaping_from(spec)
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in (("top_b", self.top_b), ("fitness_shaping", self.fitness_shaping))
@@ -336,18 +351,19 @@ class RandomEstimator(Estimator):
         return 2 * self.q if self.antithetic else self.q + 1
 
     def phi(self, n: int) -> float:
-        """The scaling factor for ``n`` estimated coordinates."""
-        return float(n) if self.directions == "sphere" else 1.0
+        """The scaling factor for ``n`` estimated coordinates (``self.sampler.phi(n)``)."""
+        return float(self.sampler.phi(n))
 
     def sample(self, n: int) -> torch.Tensor:
-        """``q`` directions of length ``n`` (float64, CPU), drawn from the estimator's generator."""
-        g = self.generator
-        if self.directions == "rademacher":
-            return torch.randint(0, 2, (self.q, n), generator=g, dtype=torch.float64) * 2 - 1
-        u = torch.randn(self.q, n, generator=g, dtype=torch.float64)
-        if self.directions == "sphere":
-            u = u / u.norm(dim=1, keepdim=True)
-        return u
+        """``q`` directions of length ``n`` (float64, CPU), drawn by ``self.sampler`` from the
+        estimator's generator."""
+        u = self.sampler.sample(self.q, n, self.generator)
+        # a user-defined sampler's mistake is reported here, not as a broadcasting error in plan()
+        if not isinstance(u, torch.Tensor) or tuple(u.shape) != (self.q, n):
+            got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+            raise ConfigError(f"{self.sampler!r}.sample(q={self.q}, n={n}) must return a tensor of shape "
+                              f"({self.q}, {n}), got {got}")
+        return u.to(device="cpu", dtype=torch.float64)
 
     def plan(self, x, coords=None) -> QueryPlan:
         c = _check_coords(coords, x.shape[0], x.device)
@@ -381,8 +397,8 @@ class RandomEstimator(Estimator):
         if self.top_b is not None and plus.numel() > self.top_b:
             keep = torch.topk(torch.minimum(plus, minus), self.top_b, largest=False).indices
             plus, minus, U = plus[keep], minus[keep], U[keep]
-        if self.fitness_shaping is not None and plus.numel():
-            plus, minus = _shape(plus, minus, self.fitness_shaping, with_base=plan.include_base)
+        if self.shaping is not None and plus.numel():
+            plus, minus = self.shaping(plus, minus, with_base=plan.include_base)
         diffs = (plus - minus) / scale
         q_ok = int(diffs.numel())
         grad = torch.zeros(x.shape[0], dtype=torch.float64, device=losses.device)

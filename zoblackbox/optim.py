@@ -17,15 +17,15 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-from torch import nn
 
 from .callbacks import Checkpointer, JSONLinesLog, ProgressBar, ScipyCallback, default_progress
 from .engine import AUTO_MIN_CGE_STEPS, AUTO_RGE_Q, AskTell, auto_estimator
 from .errors import ConfigError
-from .estimators import CoordinateEstimator, Estimate, Estimator
+from .estimators import Estimator
 from .oracle import FunctionOracle, Oracle, _real_tensor, as_vector, short_repr
 from .result import ZOResult
 from .rules import OPTIMIZERS, SignSGD, make_optimizer
+from .torch_module import ZOGradient
 
 __all__ = ["AUTO_MIN_CGE_STEPS", "AUTO_RGE_Q", "OPTIMIZERS", "SignSGD", "ZOGradient", "as_oracle", "auto_estimator",
            "make_optimizer", "minimize"]
@@ -198,60 +198,3 @@ def minimize(
     if saver is not None:
         saver.save(engine)
     return result
-
-
-class ZOGradient:
-    """Fill ``p.grad`` of a module's parameters with a zeroth-order estimate.
-
-    The ZO counterpart of ``loss.backward()``: the model is queried as a black box through a
-    :class:`~zoblackbox.adapters.torch_module.ModuleOracle` (``functional_call``, never an in-place
-    perturbation), and the estimate is *accumulated* into ``p.grad`` as autograd would, so any
-    ``torch.optim`` optimizer, gradient clipping and LR scheduler work unchanged::
-
-        zo = ZOGradient(model, F.cross_entropy, estimator=CoordinateEstimator())
-        for inputs, targets in loader:
-            optimizer.zero_grad()
-            loss = zo.backward(inputs, targets)
-            optimizer.step()
-
-    Args:
-        model: the module.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
-        estimator: default ``CoordinateEstimator()``.
-        params: parameter names or parameters to estimate (default: all trainable).
-        bn_policy: BatchNorm handling during queries (``"batch"`` or ``"eval"``).
-        scheduler: evaluates query plans (``zoblackbox.schedule``); default the oracle itself.
-        **oracle_kwargs: passed to the ``ModuleOracle`` (``chunk_size``, ``budget``, ``on_failure``...).
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: Callable, *, estimator: Estimator | None = None,
-                 params: Iterable | None = None, bn_policy: str = "batch", scheduler=None, **oracle_kwargs):
-        from zoblackbox.adapters.torch_module import ModuleOracle
-
-        self.estimator = CoordinateEstimator() if estimator is None else estimator
-        if not isinstance(self.estimator, Estimator):
-            raise TypeError(f"estimator must be a zoblackbox Estimator, got {self.estimator!r}")
-        self.oracle = ModuleOracle(model, loss_fn, params, bn_policy=bn_policy, **oracle_kwargs)
-        self.scheduler = scheduler
-        self.model = model
-        self.last: Estimate | None = None
-
-    @property
-    def nfev(self) -> int:
-        """Queries spent so far (all batches)."""
-        return self.oracle.nfev
-
-    def backward(self, inputs, targets, coords=None) -> float | None:
-        """Estimate the gradient on this batch, accumulate it into ``p.grad``; returns the loss
-        at the current parameters (``None`` for schemes that do not query it)."""
-        self.oracle.set_batch(inputs, targets)
-        x = self.oracle.get_params()
-        est = self.estimator.estimate(self.oracle, x, coords=coords, scheduler=self.scheduler)
-        named = dict(self.model.named_parameters())
-        for name, g in self.oracle.layout.unflatten(est.grad).items():
-            p = named[name]
-            g = g.to(p.dtype)
-            p.grad = g.clone() if p.grad is None else p.grad + g
-        self.oracle.update_bn_stats(x)
-        self.last = est
-        return est.f0

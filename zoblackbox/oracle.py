@@ -376,9 +376,15 @@ class FunctionOracle(Oracle):
         fn: ``fn(x) -> float`` for one 1-D point, or, with ``vectorized=True``,
             ``fn(X) -> K losses`` for a ``(K, dim)`` batch.
         dim: length of the parameter vector.
-        vectorized: whether ``fn`` takes a batch.
-        numpy: hand ``fn`` numpy arrays instead of torch tensors (for simulators written in numpy).
+        vectorized: whether ``fn`` takes a batch (a ``bool``).
+        numpy: hand ``fn`` numpy arrays instead of torch tensors (for simulators written in numpy;
+            a ``bool``).
         **kwargs: ``budget``, ``on_failure``, ``dtype``, ``device`` as in :class:`Oracle`.
+
+    The points' dtype: ``dtype`` when given; otherwise ``torch.float64`` with ``numpy=True``
+    (numpy computes in float64, and float32 points would round every perturbation of a float64
+    simulator to float32 precision) and torch's default dtype (``torch.get_default_dtype()``)
+    for a torch function.
 
     Example:
         >>> oracle = FunctionOracle(lambda x: float((x ** 2).sum()), dim=3)
@@ -389,6 +395,12 @@ class FunctionOracle(Oracle):
     def __init__(self, fn: Callable, dim: int, *, vectorized: bool = False, numpy: bool = False, **kwargs):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}: {fn!r}")
+        for name, flag in (("vectorized", vectorized), ("numpy", numpy)):
+            # a truthy non-bool (the string 'False', a config value read as text) would silently mean True
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}: {flag!r}")
+        if numpy and kwargs.get("dtype") is None:
+            kwargs["dtype"] = torch.float64
         super().__init__(dim, **kwargs)
         self.fn = fn
         self.vectorized = bool(vectorized)

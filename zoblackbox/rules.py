@@ -90,7 +90,7 @@ def make_optimizer(name_or_cls, params, lr: float, **kwargs) -> torch.optim.Opti
     return optimizer_class(name_or_cls)(params, lr=lr, **kwargs)
 
 
-class Stop(Exception):  # noqa: N818 - a control-flow signal, not an error
+class Stop(Exception):
     """Raised by a rule (from ``iteration``) to end the run; ``success`` says whether it ended well."""
 
     def __init__(self, message: str, success: bool = True):
@@ -452,7 +452,7 @@ class LBFGSRule(UpdateRule):
 
 
 # ---------------------------------------------------------------------------------------- closure optimizers
-class _Cancel(Exception):  # noqa: N818
+class _Cancel(Exception):
     """Ends the helper thread of a :class:`ClosureRule` whose run was abandoned."""
 
 

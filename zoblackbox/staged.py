@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .adapters.torch_module import ModuleOracle
 from .errors import ConfigError
 from .params import ParamLayout
+from .torch_module import ModuleOracle
 
 __all__ = ["Residual", "Stage", "StagedModel", "StagedOracle", "Staging", "Unit", "staging_of", "unit_kind"]
 
@@ -382,10 +382,11 @@ _STAGINGS: WeakKeyDictionary = WeakKeyDictionary()
 def staging_of(oracle) -> Staging | None:
     """The staging of an oracle whose answer is its module's forward, else ``None``.
 
-    A :class:`StagedOracle` carries its own; a plain :class:`~zoblackbox.adapters.ModuleOracle` is
+    A :class:`StagedOracle` carries its own; a plain :class:`~zoblackbox.torch_module.ModuleOracle` is
     staged on first use (and remembered). Oracles of other kinds -- and ``ModuleOracle``
     subclasses that change how a query is evaluated -- are black boxes to the scheduler.
     """
+    oracle = getattr(oracle, "unwrapped", oracle)  # the engine's counting view: stage the oracle it wraps
     if not is_plain_module_oracle(oracle):
         return None
     if isinstance(oracle, StagedOracle):
@@ -396,7 +397,9 @@ def staging_of(oracle) -> Staging | None:
 
 
 def is_plain_module_oracle(oracle) -> bool:
-    """Whether ``oracle`` is a ``ModuleOracle`` whose loss is ``loss_fn(model(inputs), targets)``."""
+    """Whether ``oracle`` is a ``ModuleOracle`` whose loss is ``loss_fn(model(inputs), targets)`` (looking
+    through the engine's counting view, whose queries are the wrapped oracle's)."""
+    oracle = getattr(oracle, "unwrapped", oracle)
     if not isinstance(oracle, ModuleOracle):
         return False
     cls = type(oracle)
@@ -404,7 +407,7 @@ def is_plain_module_oracle(oracle) -> bool:
 
 
 class StagedOracle(ModuleOracle):
-    """A :class:`~zoblackbox.adapters.ModuleOracle` evaluated as a chain of stages.
+    """A :class:`~zoblackbox.torch_module.ModuleOracle` evaluated as a chain of stages.
 
     The answer of every query is exactly the module oracle's (same loss, same ``bn_policy``); the
     staging is computed once at construction so that a wrong staging fails early and
@@ -414,7 +417,7 @@ class StagedOracle(ModuleOracle):
     Args:
         model: an ``nn.Sequential``, a :class:`StagedModel`, a :class:`Residual`, or any module
             (one stage).
-        loss_fn, params, **kwargs: as in :class:`~zoblackbox.adapters.ModuleOracle`.
+        loss_fn, params, **kwargs: as in :class:`~zoblackbox.torch_module.ModuleOracle`.
     """
 
     def __init__(self, model: nn.Module, loss_fn, params=None, **kwargs):

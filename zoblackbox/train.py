@@ -85,7 +85,7 @@ class Trainer:
             (on the same device and torch build); the batches of the interrupted epoch that were
             already used are replayed from the loader (read, not trained on) to restore its order.
         progress: show tqdm progress bars.
-        oracle_kwargs: extra arguments of the :class:`~zoblackbox.adapters.torch_module.ModuleOracle`
+        oracle_kwargs: extra arguments of the :class:`~zoblackbox.torch_module.ModuleOracle`
             (``on_failure``, ``chunk_size``, ...).
         sparse: a :class:`~zoblackbox.sparsity.SparseSchedule`: each step estimates (ZO) or keeps
             (FO, sparse-gradient reference) only the coordinates of the current mask, redrawn

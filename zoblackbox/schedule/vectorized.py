@@ -1,6 +1,6 @@
 """The vectorized scheduler: many queries of a plan in one batched forward.
 
-For a torch model (:class:`~zoblackbox.adapters.ModuleOracle`) a chunk of queries is one call of
+For a torch model (:class:`~zoblackbox.torch_module.ModuleOracle`) a chunk of queries is one call of
 ``torch.func.vmap`` over ``functional_call``. Only the parameter tensors the chunk perturbs are
 batched -- for a coordinate plan, one tensor per chunk -- so layers before the perturbed one run
 once per chunk, and layers after it run with shared weights on the stacked ``K x B`` batch
@@ -319,7 +319,7 @@ class ActivationProfile:
     def of(cls, oracle, base: dict, inputs) -> ActivationProfile:
         """The profile for the oracle's current batch shape (one probing forward per shape)."""
         key = (tuple(inputs.shape), inputs.dtype) if isinstance(inputs, torch.Tensor) else None
-        cache = _PROFILES.setdefault(oracle, {})
+        cache = _PROFILES.setdefault(getattr(oracle, "unwrapped", oracle), {})  # one profile per model oracle
         if key is None or key not in cache:
             profile = cls(oracle, base, inputs)
             if key is None:

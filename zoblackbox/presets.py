@@ -1,0 +1,179 @@
+"""Named recipes from the literature, as keyword arguments of ``minimize`` and ``AskTell``.
+
+A preset is a :class:`Preset`: a ``dict`` of ``estimator``, ``optimizer``, ``lr`` (and
+``optimizer_kwargs`` when a recipe needs them), so it unpacks into
+``zoblackbox.minimize(oracle, x0, budget=..., **preset)`` or ``zoblackbox.AskTell(x0, **preset)``.
+Its ``repr`` names the recipe and its parameters; ``preset.name`` and ``preset.params`` hold them.
+
+The estimator in a preset is one object with its own random generator: a second run from the same
+preset continues that generator's stream. Call the preset function again for a fresh, identically
+seeded run.
+
+Example:
+    >>> import torch
+    >>> from zoblackbox import FunctionOracle, minimize
+    >>> from zoblackbox.presets import ars_v2t
+    >>> oracle = FunctionOracle(lambda x: ((x - 1) ** 2).sum(), 4, dtype=torch.float64)
+    >>> preset = ars_v2t(n_directions=8, top_b=4, step_size=0.02, noise=0.03)
+    >>> preset
+    ars_v2t(n_directions=8, top_b=4, step_size=0.02, noise=0.03, seed=0)
+    >>> res = minimize(oracle, torch.zeros(4, dtype=torch.float64), budget=2_000, **preset)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .directions import GaussianDirections
+from .errors import ConfigError
+from .estimators import RandomEstimator
+from .shaping import RankShaping, StdShaping
+
+__all__ = ["PRESETS", "Preset", "ars_v2t", "openai_es"]
+
+
+class Preset(dict):
+    """Keyword arguments of ``minimize`` / ``AskTell`` built by a named recipe.
+
+    A ``dict`` (so ``**preset`` works) that remembers the recipe: ``name`` and ``params`` (the
+    arguments it was built from), shown by ``repr`` as ``name(param=value, ...)``.
+    """
+
+    def __init__(self, name: str, params: dict, /, **kwargs):
+        super().__init__(**kwargs)
+        self.name = name
+        self.params = dict(params)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{self.name}({args})"
+
+    def __reduce__(self):  # dict subclasses pickle their items but not these attributes
+        return (_rebuild, (self.name, self.params, dict(self)))
+
+
+def _rebuild(name, params, items):
+    return Preset(name, params, **items)
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{what} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _positive_float(value, what: str) -> float:
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not math.isfinite(value) or value <= 0):
+        raise ConfigError(f"{what} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _seed(value):
+    # RandomEstimator checks the range; the preset refuses the wrong kinds under its own name
+    if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))):
+        raise ConfigError(f"seed must be an int or None, got {value!r}")
+    return value
+
+
+def ars_v2t(n_directions: int, top_b: int, step_size: float, noise: float, seed: int | None = 0) -> Preset:
+    """ARS V2-t, Augmented Random Search (Mania, Guy & Recht 2018, arXiv:1803.07055, Algorithm 1).
+
+    Each step draws ``N = n_directions`` Gaussian directions ``delta_k``, queries ``x +- nu delta_k``
+    (``nu = noise``), keeps the ``b = top_b`` pairs whose better side is best, and moves::
+
+        x <- x - alpha / (b sigma_R) * sum_k (f(x + nu delta_k) - f(x - nu delta_k)) delta_k
+
+    with ``alpha = step_size`` and ``sigma_R`` the standard deviation of the ``2b`` losses kept
+    (losses are negated rewards, so this is the paper's ascent on rewards). It is built as::
+
+        RandomEstimator(mu=nu, q=N, antithetic=True, top_b=b, fitness_shaping=StdShaping(),
+                        directions=GaussianDirections(), seed=seed)
+        optimizer="sgd", lr=2 * nu * alpha
+
+    The estimator averages ``(f+ - f-) / sigma_R / (2 nu) * delta`` over the ``b`` pairs, hence
+    ``lr = 2 nu alpha`` gives the paper's step. The "V2" state normalization is the oracle's
+    business (``GymPolicyOracle(..., obs_norm="running")``). One step costs ``2N`` queries.
+
+    Args:
+        n_directions: ``N``, directions per step (>= 1).
+        top_b: ``b``, pairs kept (``1 <= b <= N``; ``b = N`` is ARS V2).
+        step_size: ``alpha`` (> 0).
+        noise: ``nu``, the exploration radius (> 0).
+        seed: seed of the directions (an int or ``None``, which means 0).
+
+    Example:
+        >>> preset = ars_v2t(8, 4, step_size=0.02, noise=0.03)
+        >>> preset["optimizer"], round(preset["lr"], 6)
+        ('sgd', 0.0012)
+        >>> preset["estimator"]
+        RandomEstimator(mu=0.03, q=8, directions='gaussian', antithetic=True, top_b=4, fitness_shaping='std')
+    """
+    n = _positive_int(n_directions, "n_directions")
+    b = _positive_int(top_b, "top_b")
+    if b > n:
+        raise ConfigError(f"top_b must be at most n_directions={n} (the pairs it keeps), got {top_b!r}")
+    alpha = _positive_float(step_size, "step_size")
+    nu = _positive_float(noise, "noise")
+    seed = _seed(seed)
+    estimator = RandomEstimator(mu=nu, q=n, antithetic=True, top_b=b, fitness_shaping=StdShaping(),
+                                directions=GaussianDirections(), seed=seed)
+    params = {"n_directions": n_directions, "top_b": top_b, "step_size": step_size, "noise": noise, "seed": seed}
+    return Preset("ars_v2t", params, estimator=estimator, optimizer="sgd", lr=2 * nu * alpha)
+
+
+def openai_es(population: int, sigma: float, lr: float, weight_decay: float = 0.0, seed: int | None = 0) -> Preset:
+    """OpenAI ES (Salimans, Ho, Chen, Sidor & Sutskever 2017, arXiv:1703.03864) with Adam.
+
+    Each step evaluates a population of ``population`` points ``x +- sigma eps_k`` in mirrored
+    (antithetic) pairs, ``eps_k ~ N(0, I)``, replaces the losses by centered ranks in
+    ``[-0.5, 0.5]`` and feeds ``sum_k (r+_k - r-_k) eps_k`` to Adam. It is built as::
+
+        RandomEstimator(mu=sigma, q=population // 2, antithetic=True, fitness_shaping=RankShaping(),
+                        directions=GaussianDirections(), seed=seed)
+        optimizer="adam", lr=lr        # "adamw" with optimizer_kwargs={"weight_decay": ...} if > 0
+
+    Mapping: the paper's code divides the weighted sum by the population size; this estimator
+    divides by ``q = population / 2`` and by ``2 sigma``, i.e. it is the paper's gradient times
+    ``1 / sigma``. Adam's step does not depend on the gradient's scale (up to its ``eps``), so
+    ``lr`` is the paper's learning rate unchanged (0.01 in its MuJoCo experiments). Weight decay
+    here is AdamW's decoupled decay (``x <- x - lr * weight_decay * x``), which does not depend on
+    ``sigma``; the paper's code instead adds ``l2coeff * x`` to the gradient before Adam, which is
+    ``optimizer="adam", optimizer_kwargs={"weight_decay": l2coeff / sigma}`` here. The paper's
+    virtual batch normalization and observation normalization belong to the policy and the oracle.
+    One step costs ``population`` queries.
+
+    Args:
+        population: points evaluated per step; an even int >= 2 (mirrored pairs).
+        sigma: the noise standard deviation (> 0).
+        lr: Adam's learning rate (> 0).
+        weight_decay: decoupled weight decay (>= 0; 0 = plain Adam).
+        seed: seed of the directions (an int or ``None``, which means 0).
+
+    Example:
+        >>> openai_es(population=40, sigma=0.05, lr=0.01)["estimator"]
+        RandomEstimator(mu=0.05, q=20, directions='gaussian', antithetic=True, fitness_shaping='rank')
+    """
+    if (isinstance(population, (bool, np.bool_)) or not isinstance(population, (int, np.integer)) or population < 2
+            or population % 2):
+        raise ConfigError(f"population must be an even int >= 2 (mirrored pairs), got {population!r}")
+    mu = _positive_float(sigma, "sigma")
+    rate = _positive_float(lr, "lr")
+    if (isinstance(weight_decay, (bool, np.bool_))
+            or not isinstance(weight_decay, (int, float, np.integer, np.floating))
+            or not math.isfinite(weight_decay) or weight_decay < 0):
+        raise ConfigError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    seed = _seed(seed)
+    estimator = RandomEstimator(mu=mu, q=int(population) // 2, antithetic=True, fitness_shaping=RankShaping(),
+                                directions=GaussianDirections(), seed=seed)
+    params = {"population": population, "sigma": sigma, "lr": lr, "weight_decay": weight_decay, "seed": seed}
+    if weight_decay > 0:
+        return Preset("openai_es", params, estimator=estimator, optimizer="adamw", lr=rate,
+                      optimizer_kwargs={"weight_decay": float(weight_decay)})
+    return Preset("openai_es", params, estimator=estimator, optimizer="adam", lr=rate)
+
+
+#: the presets by name
+PRESETS = {"ars_v2t": ars_v2t, "openai_es": openai_es}
