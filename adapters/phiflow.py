@@ -579,11 +579,11 @@ def _check_training(steps, lr, schedule) -> None:
         raise ConfigError(f"lr schedule must be 'cosine' or 'constant', got {schedule!r}")
 
 
-def _adam(x0: torch.Tensor, lr: float, schedule: str, steps: int):
-    param = nn.Parameter(x0.detach().clone().to(torch.float64))
-    opt = torch.optim.Adam([param], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_schedule(schedule, steps))
-    return param, opt, sched
+def _adam(x0: torch.Tensor, lr: float, schedule: str, steps: int) -> AskTell:
+    """The engine for the first-order references (NON, FO-SOL): Adam on the flat float64 parameters,
+    each step an autograd gradient handed to :meth:`AskTell.step_gradient`."""
+    return AskTell(x0.detach().clone().to(torch.float64), estimator=default_estimator(), optimizer="adam", lr=lr,
+                   lr_schedule=_lr_schedule(schedule, steps), maxiter=max(steps, 1), evaluate_final=False)
 
 
 def train_non(step: PhiFlowStep, net: CorrectionCNN, data: SimulationSet, *, x0: torch.Tensor | None = None,
@@ -603,20 +603,19 @@ def train_non(step: PhiFlowStep, net: CorrectionCNN, data: SimulationSet, *, x0:
     src = step(inputs, aux)  # one call: all pairs
     target = data.states[:, 1:].reshape(S * T, *data.state_shape)
     x0 = net.get_params() if x0 is None else x0
-    param, opt, sched = _adam(x0, lr, lr_schedule, steps)
+    engine = _adam(x0, lr, lr_schedule, steps)
     g = torch.Generator().manual_seed(int(seed))
     history = []
     for it in range(steps):
         idx = torch.randint(0, S * T, (batch_size,), generator=g)
+        param = engine.x.requires_grad_(True)
         pred = src[idx] + _correction(step, net, param[None], src[idx], None if aux is None else aux[idx], 1)
         loss = (pred - target[idx]).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        (grad,) = torch.autograd.grad(loss, param)
+        engine.step_gradient(grad, float(loss.detach()))
         if it % log_every == 0 or it == steps - 1:
             history.append({"step": it, "loss": float(loss.detach())})
-    return TrainResult(param.detach().clone(), steps, 0, step.calls - calls0, step.rows - rows0,
+    return TrainResult(engine.x, steps, 0, step.calls - calls0, step.rows - rows0,
                        time.perf_counter() - t0, history)
 
 
@@ -626,20 +625,19 @@ def train_fo_sol(oracle: SolverInTheLoopOracle, *, x0: torch.Tensor | None = Non
     reference a differentiable solver allows; no black box)."""
     _check_training(steps, lr, lr_schedule)
     t0, calls0, rows0 = time.perf_counter(), oracle.step.calls, oracle.step.rows
-    param, opt, sched = _adam(oracle.get_params() if x0 is None else x0, lr, lr_schedule, steps)
+    engine = _adam(oracle.get_params() if x0 is None else x0, lr, lr_schedule, steps)
     history = []
     for it in range(steps):
         oracle.sample_batch()
+        param = engine.x.requires_grad_(True)
         loss = oracle.losses(param[None].to(oracle.dtype), autodiff=True)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if not torch.isfinite(param.grad).all():
+        (grad,) = torch.autograd.grad(loss, param)
+        if not torch.isfinite(grad).all():
             raise ConfigError(f"FO-SOL gradient is non-finite at step {it} (loss {float(loss)}); lower lr={lr}")
-        opt.step()
-        sched.step()
+        engine.step_gradient(grad, float(loss.detach()))
         if it % log_every == 0 or it == steps - 1:
             history.append({"step": it, "loss": float(loss.detach())})
-    return TrainResult(param.detach().clone(), steps, 0, oracle.step.calls - calls0, oracle.step.rows - rows0,
+    return TrainResult(engine.x, steps, 0, oracle.step.calls - calls0, oracle.step.rows - rows0,
                        time.perf_counter() - t0, history)
 
 

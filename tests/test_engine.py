@@ -332,3 +332,40 @@ def test_schedulers_see_through_the_engines_counting_view():
         assert budgeted.nit == free.nit == 3
         assert np.allclose(budgeted.x, free.x, rtol=0, atol=1e-12)
     assert oracle.budget is None
+
+
+def test_the_readme_examples_run():
+    """The README's scipy-style and ask/tell examples run as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "rosen" in b]
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the project's own README
+    assert namespace["res"].nfev <= 2_000 and namespace["solver"].done
+
+
+@pytest.mark.slow
+def test_cli_minimize_runs_an_external_program_and_resumes(tmp_path):
+    """``zoblackbox minimize --program``: the JSON-lines test simulator, 2 workers, a checkpoint;
+    running the same command again returns the finished result without new queries."""
+    from pathlib import Path
+
+    from zoblackbox.cli import main
+
+    sim = Path(__file__).parent / "programs" / "quirky_sim.py"
+    out = tmp_path / "result.json"
+    args = ["minimize", "--program", f"{sys.executable} {sim}", "--dim", "3", "--x0", "1", "2", "3",
+            "--budget", "200", "--estimator", "cge", "--mu", "1e-6", "--optimizer", "lbfgs", "--workers", "2",
+            "--checkpoint", str(tmp_path / "ck"), "--json", str(out), "--no-progress"]
+    assert main(args) == 0
+    first = json.loads(out.read_text())
+    assert first["fun"] < 1e-10 and first["nfev"] <= 200
+    assert main(args) == 0
+    assert json.loads(out.read_text()) == first
+    assert main(["minimize", "--program", "", "--dim", "3", "--budget", "10"]) == 2
+    assert main(["minimize", "--program", f"{sys.executable} {sim}", "--dim", "3", "--x0", "1", "2",
+                 "--budget", "10"]) == 2

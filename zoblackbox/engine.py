@@ -377,7 +377,8 @@ class AskTell:
 
         if not isinstance(self.rule, FirstOrderRule):
             raise ConfigError(f"step_gradient needs a first-order update rule, this run uses {type(self.rule).__name__}")
-        self._settle()
+        if not (self.phase == "run" and self._fresh):  # a fresh iteration needs no plan: none is built
+            self._settle()
         if self.phase == "done":
             return None
         if self._log:
