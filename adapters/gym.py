@@ -594,6 +594,13 @@ class GymPolicyOracle(Oracle):
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate_batch(self, X: torch.Tensor) -> torch.Tensor:
+        finite = torch.isfinite(X).all(dim=1)
+        if not bool(finite.all()):  # non-finite parameters are failed queries (NaN), never rolled out
+            out = torch.full((X.shape[0],), math.nan, dtype=torch.float64)
+            self._local_queries += int((~finite).sum())  # answered here (as failures), without a rollout
+            if bool(finite.any()):
+                out[finite] = self._evaluate_batch(X[finite])
+            return out
         params = X.detach().cpu().to(torch.float64).numpy()
         K = params.shape[0]
         self._used = True

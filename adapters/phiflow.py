@@ -52,6 +52,7 @@ from zoblackbox.errors import ConfigError, MissingDependencyError
 from zoblackbox.estimators import CoordinateEstimator, Estimator
 from zoblackbox.oracle import Oracle, RawResult
 from zoblackbox.params import ParamLayout
+from zoblackbox.result import ZOResult
 from zoblackbox.schedules import schedule_from
 
 __all__ = [
@@ -536,28 +537,31 @@ def rollout_mae(step: PhiFlowStep, net: CorrectionCNN | None, params: torch.Tens
 
 
 # --------------------------------------------------------------------------- training
-@dataclass
-class TrainResult:
-    """What a training method returns.
+class TrainResult(ZOResult):
+    """What a training method returns: a :class:`~zoblackbox.result.ZOResult` (the library's one
+    result type: ``x``, ``fun``, ``nfev``, ``nit``, ``history``, ``failures``, ``wall_time``) with
+    the PDE names as well.
 
     Attributes:
-        params: final flat parameters (float64).
-        steps: optimizer steps taken.
-        queries: oracle queries spent (0 for the autograd methods).
+        params: final flat parameters (float64 tensor; ``x`` is the same as numpy).
+        steps: optimizer steps taken (``nit``).
+        queries: oracle queries spent (``nfev``; 0 for the autograd methods).
         solver_calls: batched PhiFlow calls; ``solver_rows``: rows advanced by them.
-        wall_s: seconds.
+        wall_s: seconds (``wall_time``).
         history: ``{"step", "loss"}`` per logged step.
         failures: the oracle's failure report (ZO methods).
     """
 
-    params: torch.Tensor
-    steps: int
-    queries: int = 0
-    solver_calls: int = 0
-    solver_rows: int = 0
-    wall_s: float = 0.0
-    history: list = field(default_factory=list)
-    failures: dict = field(default_factory=dict)
+    def __init__(self, params: torch.Tensor, steps: int, queries: int = 0, solver_calls: int = 0,
+                 solver_rows: int = 0, wall_s: float = 0.0, history: list | None = None,
+                 failures: dict | None = None):
+        history = [] if history is None else history
+        losses = [h["loss"] for h in history if h.get("loss") is not None]
+        super().__init__(params=params, steps=steps, queries=queries, solver_calls=solver_calls,
+                         solver_rows=solver_rows, wall_s=wall_s, history=history,
+                         failures={} if failures is None else failures,
+                         x=params.detach().cpu().numpy(), nit=steps, nfev=queries, wall_time=wall_s,
+                         fun=losses[-1] if losses else math.nan, success=True, message=f"{steps} steps")
 
 
 #: the PDE methods' cosine decays to this fraction of the peak learning rate at the last step

@@ -75,12 +75,17 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], meta: d
     pt, js = directory / f"{name}.pt", directory / f"{name}.json"
     full_meta = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
                  "file": pt.name, **meta}
+    try:  # everything is validated before the first write: a failure leaves the last good checkpoint as it was
+        meta_bytes = json.dumps(full_meta, indent=2, sort_keys=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint metadata must be JSON (finite numbers, strings, lists, dicts): {exc}") \
+            from exc
     if js.exists() or pt.exists():  # same tag again: never leave latest.json on a half-replaced pair
         older = [m for m in sorted(directory.glob("ckpt-*.json")) if m.name < js.name]
         if older:  # (with no older checkpoint, a kill in between is reported as a checksum mismatch)
             _atomic_write(directory / "latest.json", json.dumps({"checkpoint": older[-1].name}).encode())
     _atomic_write(pt, payload)
-    _atomic_write(js, json.dumps(full_meta, indent=2, sort_keys=True).encode())
+    _atomic_write(js, meta_bytes)
     _atomic_write(directory / "latest.json", json.dumps({"checkpoint": js.name}).encode())
     _prune(directory, keep={js.name, pt.name})
     return pt

@@ -151,6 +151,10 @@ class Estimator(ABC):
             raise TypeError(f"scheduler must be a zoblackbox Scheduler or None, got {type(scheduler).__name__}: "
                             f"{short_repr(scheduler)}")
         x = as_vector(x, dim=oracle.dim, dtype=oracle.dtype)
+        if not bool(torch.isfinite(x).all()):  # a NaN point would be queried and give a silent zero gradient
+            bad = (~torch.isfinite(x)).nonzero().flatten()
+            raise ConfigError(f"x must be finite to estimate a gradient; {bad.numel()} non-finite entries, at indices "
+                              f"{bad[:5].tolist()}: {x[bad[:5]].tolist()}")
         # the budget is checked before the plan is built: a plan too large for it is never allocated
         if f0 is not None and (isinstance(f0, bool) or not isinstance(f0, (int, float, np.floating, np.integer))
                                or math.isnan(f0)):
