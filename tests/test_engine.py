@@ -369,3 +369,27 @@ def test_cli_minimize_runs_an_external_program_and_resumes(tmp_path):
     assert main(["minimize", "--program", "", "--dim", "3", "--budget", "10"]) == 2
     assert main(["minimize", "--program", f"{sys.executable} {sim}", "--dim", "3", "--x0", "1", "2",
                  "--budget", "10"]) == 2
+
+
+def test_a_state_that_does_not_replay_changes_nothing():
+    a = AskTell(np.zeros(3), estimator=CoordinateEstimator(), budget=100)
+    a.tell([_quad(x) for x in a.ask()])
+    a.ask()
+    state = a.state_dict()
+    b = AskTell(np.zeros(3), estimator=CoordinateEstimator(), budget=100)
+    b.tell([_quad(x) for x in b.ask()])
+    before_x, before_ask = b.x, b.ask()
+    tampered = dict(state, told=[torch.zeros(2)], told_nfev=[2])  # 2 losses for an ask of 4 points
+    with pytest.raises(CheckpointError, match=r"told losses \(2\) do not match the replayed ask \(4 points\)"):
+        b.load_state_dict(tampered)
+    assert np.array_equal(b.x, before_x) and np.array_equal(b.ask(), before_ask) and b.nfev == 4
+    with pytest.raises(CheckpointError, match="malformed"):
+        b.load_state_dict(dict(state, told=["x"], told_nfev=[1]))
+
+
+def test_a_fresh_run_never_overwrites_an_existing_log(tmp_path):
+    log = tmp_path / "run.jsonl"
+    log.write_text('{"nit": 1}\n')
+    with pytest.raises(ConfigError, match="already holds another run's records"):
+        minimize(rosen, np.zeros(3), maxiter=2, log=log)
+    assert log.read_text() == '{"nit": 1}\n'

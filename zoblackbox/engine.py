@@ -321,6 +321,7 @@ class AskTell:
             values[bad] = math.inf if self.policy.action == "inf" else math.nan
         self.n_failed += int(bad.numel())
         self._accept(values, int(spent))
+        self._settle(hold=True)  # the losses are used now; the next plan is built at the next ask
 
     def result(self) -> ZOResult:
         """The run's result (final once :attr:`done`; before that, the current iterate and its

@@ -122,7 +122,8 @@ def minimize(
             :class:`zoblackbox.schedules.WarmupCosine`.
         progress: a tqdm bar with the loss, the queries and the queries per second (``None``: on
             when standard error is a terminal).
-        log: a file to which one JSON line per iteration is written.
+        log: a file to which one JSON line per iteration is written (a resumed run rewrites it with the
+            records its checkpoint has seen; a fresh run refuses a file that already holds records).
         checkpoint: a directory for checkpoints of the engine and the oracle's counters, written
             atomically every ``checkpoint_every`` iterations and at the end. Calling ``minimize``
             again with the same directory (after a crash or a kill) continues the run and ends with
@@ -180,6 +181,9 @@ def minimize(
         if logger is not None:
             logger.rewrite(engine.history)
     elif logger is not None:
+        if logger.path.exists() and logger.path.stat().st_size > 0:  # another run's records: never overwritten
+            raise ConfigError(f"log file {str(logger.path)!r} already holds another run's records and there is no "
+                              "checkpoint to resume from; choose another path or remove it")
         logger.rewrite([])
     if callback is not None:
         engine.observers.append(ScipyCallback(callback))
