@@ -19,11 +19,13 @@ through; it counts queries (one per image classified). The ZO estimates are the 
 estimators (:class:`~zoblackbox.estimators.CoordinateEstimator`,
 :class:`~zoblackbox.estimators.RandomEstimator`) over :class:`~zoblackbox.oracle.Oracle`
 subclasses, so budgets and failure policies (non-finite logits) are those of every oracle.
+
+The digits recipe that trains every pipeline from these trainers (``DenoisingRecipe``,
+``build_pipelines``, ``PIPELINES``) is in ``zoblackbox.recipes``, a layer above the adapters.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import time
@@ -737,137 +739,3 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     model.eval()
     with torch.no_grad():
         return float((model(images).argmax(1) == labels).float().mean())
-
-
-PIPELINES = ("none", "mse", "fo-stability", "zo-ae-ds-cge", "zo-ae-ds-rge", "zo-sparse-cge")
-#: ``ae-init``: the ZO-AE-DS architecture after its query-free pre-training (before any ZO step)
-REFERENCE_PIPELINES = ("ae-init",)
-
-
-@dataclass
-class DenoisingRecipe:
-    """Settings of the denoised-smoothing pipelines (defaults: the digits benchmark, chosen on a
-    held-out part of the training split; see docs/certify.md).
-
-    Every pipeline except ``none`` starts from the same MSE denoiser. ZO-AE-DS puts an
-    encoder/decoder (``latent_dim``) after it, pre-trained together with MSE (no queries), then
-    trains denoiser + encoder with ZO at the latent code; RGE uses ``q = 2 latent_dim - 1``
-    directions so that it costs what central CGE costs (``q + 1 = 2 latent_dim`` per image).
-    """
-
-    sigma: float = 0.5
-    batch_size: int = 64
-    lr: float = 1e-3
-    classifier_hidden: tuple[int, ...] = (256, 256)
-    classifier_epochs: int = 40
-    denoiser_hidden: tuple[int, ...] = (256, 256)
-    mse_epochs: int = 1000
-    fo_epochs: int = 100
-    latent_dim: int = 16
-    ae_hidden: int = 128
-    ae_epochs: int = 300
-    zo_ae_epochs: int = 30
-    zo_mu: float = 0.05
-    sparsity: float = 0.99
-    sparse_epochs: int = 10
-    sparse_batch_size: int = 16
-    sparse_mu: float = 5e-3
-    sparse_mask_interval: int = 10
-    seed: int = 0
-
-    def scaled(self, factor: float) -> DenoisingRecipe:
-        """The same recipe with every epoch count multiplied by ``factor`` (at least 1 epoch)."""
-        if not factor > 0:
-            raise ConfigError(f"the epoch factor must be positive, got {factor!r}")
-        out = DenoisingRecipe(**self.__dict__)
-        for key in ("classifier_epochs", "mse_epochs", "fo_epochs", "ae_epochs", "zo_ae_epochs", "sparse_epochs"):
-            setattr(out, key, max(1, round(getattr(self, key) * factor)))
-        return out
-
-
-@dataclass
-class TrainedPipeline:
-    """A certifiable pipeline and what training it cost."""
-
-    name: str
-    pipeline: DenoisedClassifier
-    report: TrainingReport
-
-
-def build_pipelines(names: Sequence[str], blackbox: BlackBoxClassifier, images: torch.Tensor,
-                    recipe: DenoisingRecipe | None = None, *, classifier: nn.Module | None = None,
-                    log: Callable[[str], None] | None = None) -> dict[str, TrainedPipeline]:
-    """Train the requested pipelines (names from :data:`PIPELINES` and :data:`REFERENCE_PIPELINES`)
-    in front of ``blackbox`` on the clean training ``images``.
-
-    ``classifier`` -- the white-box module behind ``blackbox`` -- is needed by ``fo-stability``
-    only (the first-order reference). Each report's ``queries`` counts the images ``f`` classified
-    during that pipeline's training; the shared MSE pre-training costs none.
-    """
-    recipe = recipe or DenoisingRecipe()
-    unknown = [n for n in names if n not in PIPELINES + REFERENCE_PIPELINES]
-    if unknown:
-        raise ConfigError(f"unknown pipeline(s) {unknown}; expected names from {PIPELINES + REFERENCE_PIPELINES}")
-    if "fo-stability" in names and classifier is None:
-        raise ConfigError("fo-stability trains through the classifier with autograd: pass the white-box "
-                          "classifier module (classifier=...), or leave this reference out")
-    images = _check_images(images)
-    say = log or (lambda _msg: None)
-    shape, r = tuple(images.shape[1:]), recipe
-    out: dict[str, TrainedPipeline] = {}
-    mse = None
-    if any(n != "none" for n in names):
-        torch.manual_seed(r.seed)
-        mse = mlp_denoiser(shape, r.denoiser_hidden)
-        say(f"MSE denoiser: {r.mse_epochs} epochs")
-        mse_report = train_mse_denoiser(mse, images, sigma=r.sigma, epochs=r.mse_epochs, batch_size=r.batch_size,
-                                        lr=r.lr, seed=r.seed)
-    ae_init = None
-    if any(n.startswith("zo-ae-ds") or n == "ae-init" for n in names):
-        torch.manual_seed(r.seed + 1)
-        encoder, decoder = mlp_autoencoder(shape, r.latent_dim, r.ae_hidden)
-        ae_init = nn.Sequential(_copy(mse), encoder, decoder)
-        say(f"ZO-AE-DS pre-training (MSE through denoiser + encoder + decoder): {r.ae_epochs} epochs")
-        ae_report = train_mse_denoiser(ae_init, images, sigma=r.sigma, epochs=r.ae_epochs, batch_size=r.batch_size,
-                                       lr=r.lr, seed=r.seed + 1)
-    for name in names:
-        q0 = blackbox.queries
-        if name == "none":
-            pipe, report = DenoisedClassifier(blackbox), TrainingReport("none")
-        elif name == "mse":
-            pipe, report = DenoisedClassifier(blackbox, mse), mse_report
-        elif name == "ae-init":
-            pipe, report = DenoisedClassifier(blackbox, ae_init), ae_report
-        elif name == "fo-stability":
-            den = _copy(mse)
-            say(f"FO stability (white box): {r.fo_epochs} epochs")
-            report = train_fo_stability(den, classifier, images, sigma=r.sigma, epochs=r.fo_epochs,
-                                        batch_size=r.batch_size, lr=r.lr, seed=r.seed + 2)
-            pipe = DenoisedClassifier(blackbox, den)
-        elif name.startswith("zo-ae-ds"):
-            model = _copy(ae_init)
-            if name.endswith("cge"):
-                est = CoordinateEstimator(mu=r.zo_mu, scheme="central")
-            else:
-                est = RandomEstimator(mu=r.zo_mu, q=2 * r.latent_dim - 1, seed=r.seed)
-            say(f"{name}: {r.zo_ae_epochs} epochs, {est!r}")
-            report = train_zo_ae_ds(model[0], model[1], model[2], blackbox, images, sigma=r.sigma,
-                                    latent_dim=r.latent_dim, estimator=est, epochs=r.zo_ae_epochs,
-                                    batch_size=r.batch_size, lr=r.lr, seed=r.seed + 3)
-            pipe = DenoisedClassifier(blackbox, model)
-        else:  # zo-sparse-cge
-            den = _copy(mse)
-            say(f"{name}: sparsity {r.sparsity}, {r.sparse_epochs} epochs of batch {r.sparse_batch_size}")
-            report = train_zo_sparse(den, blackbox, images, sigma=r.sigma, sparsity=r.sparsity,
-                                     estimator=CoordinateEstimator(mu=r.sparse_mu), epochs=r.sparse_epochs,
-                                     batch_size=r.sparse_batch_size, lr=r.lr,
-                                     mask_interval=r.sparse_mask_interval, seed=r.seed + 4)
-            pipe = DenoisedClassifier(blackbox, den)
-        if name not in ("fo-stability",) and report.queries != blackbox.queries - q0:  # pragma: no cover
-            raise OracleError(f"{name}: query count mismatch ({report.queries} vs {blackbox.queries - q0})")
-        out[name] = TrainedPipeline(name, pipe, report)
-    return out
-
-
-def _copy(module: nn.Module) -> nn.Module:
-    return copy.deepcopy(module)

@@ -3,8 +3,8 @@
 The black box ``f`` is an MLP 64-256-256-10 trained on the bundled digits split
 (``load_digits_split()``: 1,437 train / 360 test 8x8 images in [0, 1]) and then only queried
 through :class:`~zoblackbox.adapters.blackbox.BlackBoxClassifier`. In front of it a denoiser
-``D`` (MLP 64-256-256-64) is trained in six ways (:func:`~zoblackbox.adapters.blackbox.build_pipelines`,
-settings in :class:`~zoblackbox.adapters.blackbox.DenoisingRecipe`):
+``D`` (MLP 64-256-256-64) is trained in six ways (:func:`~zoblackbox.recipes.build_pipelines`,
+settings in :class:`~zoblackbox.recipes.DenoisingRecipe`):
 
 * ``none`` -- no denoiser;
 * ``mse`` -- denoising loss only, no query of ``f``;
@@ -49,18 +49,15 @@ import torch
 from _common import RESULTS, machine_info, new_figure, set_threads, warn_if_busy
 
 from zoblackbox.adapters.blackbox import (
-    PIPELINES,
     BlackBoxClassifier,
     DenoisedClassifier,
-    DenoisingRecipe,
-    TrainedPipeline,
-    build_pipelines,
     mlp_classifier,
     mlp_denoiser,
     train_classifier,
     train_mse_denoiser,
 )
 from zoblackbox.data import load_digits_split
+from zoblackbox.recipes import PIPELINES, DenoisingRecipe, TrainedPipeline, build_pipelines
 from zoblackbox.smoothing import ABSTAIN, Smooth, max_certifiable_radius
 
 RADII = (0.0, 0.25, 0.5, 0.75)

@@ -4,7 +4,7 @@ Scenario 1 of ``zoblackbox pde``: 1-D forced viscous Burgers (L=32, nu=0.1, dt=0
 reference averaged to the 32-cell source grid, 30 warm-up steps then 200 recorded, 10 training and
 5 test simulations generated locally (``burgers_datasets(seed=--data-seed)``). A 457-parameter
 1-D CNN (circular padding, ReLU) corrects the source solver after every step. Methods (recipe
-``RECIPES["burgers1d"]`` of ``zoblackbox/cli_pde.py``, tuned on the training simulations only):
+``RECIPES["burgers1d"]`` of ``zoblackbox/recipes.py``, tuned on the training simulations only):
 
 * SRC: no correction;
 * NON: supervised on the 2,000 precomputed one-step pairs (2,000 Adam steps, batch 32);
@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 from _common import RESULTS, machine_info, new_figure, save_figure, set_threads, warn_if_busy
 
-from zoblackbox.cli_pde import RECIPES, make_problem, run_methods
+from zoblackbox.cli_pde import make_problem, run_methods
+from zoblackbox.recipes import RECIPES
 
 LABELS = {"src": "SRC", "non": "NON", "fo-sol": "FO-SOL", "zo-sol": "ZO-SOL", "rge-sol": "RGE-SOL"}
 COLORS = {"SRC": "#999999", "NON": "#4c72b0", "FO-SOL": "#55a868", "ZO-SOL": "#c44e52", "RGE-SOL": "#8172b2"}

@@ -40,8 +40,8 @@ peer, whose best point so far is then used), so no method gets more than the bud
 **Part 2 -- the digits CNN** (1,722 parameters, the full-batch loss on 512 training images, the
 problem of ``cge_vs_rge.py``'s equal-budget view), for init seeds 0-2 (``--cnn-seeds``): nevergrad
 NGOpt with 30,000 queries; zoblackbox CGE + Adam (``FeatureReuseScheduler``) with the same 30,000
-queries; and zoblackbox's recipe ``CNN_RECIPE`` (sparse CGE at 75% sparsity + AdamW + cosine, 300
-steps, chosen on validation images, see ``--tune-cnn``), whose queries are cheap enough that it
+queries; and zoblackbox's recipe ``CNN_RECIPE`` of ``zoblackbox.recipes`` (sparse CGE at 75% sparsity +
+AdamW + cosine, 300 steps, chosen on validation images, see ``--tune-cnn``), whose queries are cheap enough that it
 finishes in a fraction of NGOpt's wall time: the equal-wall-time comparison is "more accurate in
 less time". Test accuracy on the 360 test images, median over seeds.
 
@@ -69,6 +69,7 @@ from _common import machine_info, new_figure, save_figure, set_threads, warn_if_
 
 from zoblackbox import CoordinateEstimator, FunctionOracle, minimize
 from zoblackbox.cli import positive_int
+from zoblackbox.recipes import CNN_BUDGET_SPARSITY, CNN_RECIPE
 
 FUNCTIONS = ("quadratic", "rosenbrock", "ellipsoid", "noisy_sphere")
 METHODS = ("zoblackbox", "zo-adam", "ngopt", "cma", "powell", "nelder-mead", "lbfgsb-fd")
@@ -266,18 +267,9 @@ def winners(rows: list[dict]) -> dict:
     return out
 
 
-#: zoblackbox on the CNN: DeepZero-style sparse CGE (a fresh random ``1 - sparsity`` of the coordinates,
-#: biases included, estimated per step) feeding AdamW with a cosine schedule. lr and weight decay were
-#: chosen with autograd (AdamW, cosine; validation accuracy over lr {0.01, 0.03, 0.1} x weight decay
-#: {0.1, 0.3, 1, 3} x {150, 300, 500} steps, init seeds 0-2); sparsity and steps by CGE's own
-#: validation accuracy (``--tune-cnn`` reruns that selection). Validation = the 925 training images
-#: outside the 512-image batch; the test images are never used for a choice.
-#:
-#: CNN_RECIPE is the run compared with NGOpt in wall time; CNN_BUDGET_SPARSITY the sparsity of the
-#: run held to NGOpt's 30,000 queries (steps = budget // queries per step).
-CNN_RECIPE = {"optimizer": "AdamW", "lr": 0.03, "weight_decay": 0.3, "steps": 300, "schedule": "cosine",
-              "mu": 5e-3, "sparsity": 0.75}
-CNN_BUDGET_SPARSITY = 0.95
+# CNN_RECIPE (the run compared with NGOpt in wall time) and CNN_BUDGET_SPARSITY (the sparsity of the run
+# held to NGOpt's 30,000 queries) live in zoblackbox.recipes, with how they were chosen; imported above, so
+# they stay attributes of this module. --tune-cnn reruns their selection over these candidates:
 CNN_CANDIDATES = [{"sparsity": 0.75, "steps": 300}, {"sparsity": 0.5, "steps": 300},
                   {"sparsity": 0.75, "steps": 600}, {"sparsity": 0.0, "steps": 300}]
 CNN_BUDGET_CANDIDATES = [0.9, 0.95, 0.98]

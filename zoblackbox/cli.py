@@ -13,16 +13,15 @@ import torch
 from . import __version__
 from .cli_args import positive_float, positive_int, probability, radii_list
 from .errors import ConfigError, ZOError
+from .recipes import DEEPZERO_RECIPE, DIGITS_CNN_RECIPE
 from .sparsity import check_sparsity
 
 # the argument types live in cli_args (cli_pde needs them without importing cli); they stay importable from here
 __all__ = ["build_parser", "main", "positive_float", "positive_int", "probability", "radii_list"]
 
-DEMO_DEFAULTS = {"epochs": 12, "lr": 0.02, "batch_size": 128, "mu": 5e-3, "seed": 0, "threads": 1}
+# the recipes live in zoblackbox.recipes; DEEPZERO_RECIPE stays importable from here
+DEMO_DEFAULTS = {**DIGITS_CNN_RECIPE, "threads": 1}
 SCHEDULERS = ("reuse", "vectorized", "serial", "oracle")
-DEEPZERO_RECIPE = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 256,
-                   "mu": 5e-3, "sparsity": 0.9, "ratios": "zo-grasp", "mask_interval": 5, "warmup_epochs": 3,
-                   "epochs": 50}
 
 
 def _add_training_args(p: argparse.ArgumentParser, defaults: dict) -> None:
@@ -277,7 +276,7 @@ CERTIFY_RADII = "0,0.25,0.5,0.75"
 
 
 def _add_certify_parser(sub) -> None:
-    from .adapters.blackbox import PIPELINES, REFERENCE_PIPELINES
+    from .recipes import PIPELINES, REFERENCE_PIPELINES
 
     p = sub.add_parser("certify", help="denoised smoothing of a query-only digits classifier: train, then certify",
                        description="Trains an MLP on the digits split and wraps it as a query-only black box, trains "
@@ -312,14 +311,9 @@ def cmd_certify(args) -> int:
 
 
 def _certify(args) -> int:
-    from .adapters.blackbox import (
-        BlackBoxClassifier,
-        DenoisingRecipe,
-        build_pipelines,
-        mlp_classifier,
-        train_classifier,
-    )
+    from .adapters.blackbox import BlackBoxClassifier, mlp_classifier, train_classifier
     from .data import load_digits_split
+    from .recipes import DenoisingRecipe, build_pipelines
     from .smoothing import Smooth, max_certifiable_radius
 
     t0 = time.perf_counter()

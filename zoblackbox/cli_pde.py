@@ -12,7 +12,8 @@ simulations against the downsampled reference:
 
 ``fo-sol``, ``zo-sol`` and ``rge-sol`` start from NON's parameters (``--warm-start non``, the
 default) and then take the same number of steps on the same minibatches; only the gradient
-differs. The recipes (:data:`RECIPES`) were tuned on training simulations only.
+differs. The recipes (:data:`RECIPES`, defined in :mod:`zoblackbox.recipes` and importable from
+here) were tuned on training simulations only.
 """
 
 from __future__ import annotations
@@ -27,44 +28,13 @@ import torch
 
 from .cli_args import positive_float, positive_int
 from .errors import ConfigError
+from .recipes import RECIPES, Recipe
 
 __all__ = ["METHODS", "RECIPES", "SCENARIOS", "Problem", "Recipe", "cmd_pde", "make_problem", "register",
            "run_methods"]
 
 METHODS = ("src", "non", "fo-sol", "zo-sol", "rge-sol")
 SCENARIOS = ("burgers1d", "wake2d")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Network and training hyperparameters of every method for one scenario."""
-
-    hidden: tuple = (8, 8)
-    kernel_size: int = 5
-    activation: str = "relu"
-    padding_mode: str = "circular"
-    non_steps: int = 2000
-    non_batch: int = 32
-    non_lr: float = 3e-3
-    sol_steps: int = 300
-    unroll: int = 32
-    batch_size: int = 1
-    sol_lr: float = 3e-4
-    mu: float = 1e-6
-    scheme: str = "forward"
-    rge_q: int | None = None  # None: q = dim, the queries per step of forward CGE
-    rge_lr: float = 1e-4
-    rge_mu: float = 1e-6
-    warm_start: str = "non"
-
-
-#: tuned on the training simulations (docs/pde.md); the wake recipe is a smoke-test size
-RECIPES = {
-    "burgers1d": Recipe(),
-    "wake2d": Recipe(hidden=(4,), kernel_size=3, padding_mode="replicate", non_steps=200, non_batch=8,
-                     sol_steps=20, unroll=4, batch_size=1, sol_lr=1e-3, mu=1e-3, scheme="central", rge_q=32,
-                     rge_mu=1e-3),  # the CG pressure solve's tolerance rules out tiny forward steps
-}
 
 
 @dataclass
