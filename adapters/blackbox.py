@@ -30,7 +30,6 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +41,7 @@ from zoblackbox.errors import BudgetExhaustedError, ConfigError, OracleError
 from zoblackbox.estimators import CoordinateEstimator, Estimator, RandomEstimator
 from zoblackbox.oracle import Oracle, RawResult
 from zoblackbox.params import ParamLayout
+from zoblackbox.result import ZOResult
 from zoblackbox.schedules import WarmupCosine
 from zoblackbox.smoothing import check_sigma
 
@@ -362,9 +362,9 @@ class DenoiserOracle(Oracle):
 
 
 # --------------------------------------------------------------------------- training
-@dataclass
-class TrainingReport:
-    """What training a denoiser cost.
+class TrainingReport(ZOResult):
+    """What training a denoiser cost: a :class:`~zoblackbox.result.ZOResult` (the library's one
+    result type; ``nit``, ``nfev``, ``fun``, ``wall_time`` are views of the fields below).
 
     Attributes:
         method: ``mse``, ``fo-stability``, ``zo-ae-ds``, ``zo-sparse``.
@@ -378,14 +378,28 @@ class TrainingReport:
         info: method details (estimator, active coordinates, ratios, ...).
     """
 
-    method: str
-    steps: int = 0
-    queries: int = 0
-    oracle_queries: int = 0
-    wall_s: float = 0.0
-    history: list = field(default_factory=list)
-    failures: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
+    def __init__(self, method: str, steps: int = 0, queries: int = 0, oracle_queries: int = 0, wall_s: float = 0.0,
+                 history: list | None = None, failures: dict | None = None, info: dict | None = None):
+        super().__init__(method=method, steps=steps, queries=queries, oracle_queries=oracle_queries, wall_s=wall_s,
+                         history=[] if history is None else history, failures={} if failures is None else failures,
+                         info={} if info is None else info)
+
+    @property
+    def nit(self) -> int:
+        return self["steps"]
+
+    @property
+    def nfev(self) -> int:
+        return self["oracle_queries"]
+
+    @property
+    def wall_time(self) -> float:
+        return self["wall_s"]
+
+    @property
+    def fun(self) -> float:
+        losses = [h["loss"] for h in self["history"] if h.get("loss") is not None]
+        return losses[-1] if losses else math.nan
 
     def as_dict(self) -> dict:
         return {"method": self.method, "steps": self.steps, "queries": self.queries,
@@ -447,17 +461,30 @@ def _epoch_loop(images, epochs, batch_size, seed, step_fn, report) -> TrainingRe
 
 
 def _run_epochs(images, epochs, batch_size, seed, step_fn, params, lr, report) -> TrainingReport:
-    """The first-order trainers' loop: :func:`_epoch_loop` with Adam on ``params`` and a cosine LR
-    (:class:`~zoblackbox.schedules.WarmupCosine` over all steps); ``step_fn`` leaves the gradients in
-    ``.grad`` and returns the loss."""
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(total_steps=_total_steps(images, epochs, batch_size)))
+    """The first-order trainers' loop: :func:`_epoch_loop` around the ask/tell engine, which takes
+    each step's autograd gradient (:meth:`~zoblackbox.AskTell.step_gradient`) and applies Adam with a
+    cosine LR (:class:`~zoblackbox.schedules.WarmupCosine` over all steps) to the flat parameter
+    vector; ``step_fn`` leaves the gradients in ``.grad`` and returns the loss. The modules' parameters
+    are set from the engine's iterate after every step."""
+    params = list(params)
+    layout = ParamLayout.from_tensors([(str(i), p) for i, p in enumerate(params)])
+
+    def flat(tensors) -> torch.Tensor:
+        return layout.flatten({str(i): t for i, t in enumerate(tensors)})
+
+    engine = AskTell(flat(p.detach() for p in params), optimizer="adam", lr=lr,
+                     lr_schedule=WarmupCosine(total_steps=_total_steps(images, epochs, batch_size)),
+                     evaluate_final=False)
 
     def step(idx, g):
-        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         loss = step_fn(idx, g)
-        opt.step()
-        sched.step()
+        grad = flat(p.grad if p.grad is not None else torch.zeros_like(p) for p in params)
+        engine.step_gradient(grad, loss)
+        with torch.no_grad():
+            for p, value in zip(params, layout.unflatten(engine.rule.x).values()):
+                p.copy_(value)
         return loss
 
     return _epoch_loop(images, epochs, batch_size, seed, step, report)
