@@ -37,7 +37,7 @@ import torch
 
 from .errors import BudgetExhaustedError, CheckpointError, ConfigError, OracleError
 from .estimators import CoordinateEstimator, Estimator, RandomEstimator, StepUnderflow
-from .oracle import FailurePolicy, Oracle, short_repr
+from .oracle import BudgetView, FailurePolicy, Oracle, short_repr
 from .plan import QueryPlan
 from .result import ZOResult
 from .rules import LBFGSRule, Stop, UpdateRule, estimate_from, make_rule
@@ -69,86 +69,6 @@ def auto_estimator(dim: int, budget: int | None, seed: int | None = 0) -> Estima
 
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-# ------------------------------------------------------------------------------------------ budget view
-class BudgetView(Oracle):
-    """A counting view of ``oracle`` that refuses queries past ``limit`` more of them.
-
-    Queries are evaluated by the wrapped oracle (its ``raw_evaluate``, so its own evaluation, pool
-    or vectorized path is used) and counted in *its* ``nfev`` and ``failures``, under its failure
-    policy; the view only adds a limit of its own on top of the oracle's budget. The wrapped oracle's
-    ``budget`` is never changed. Other attributes (``layout``, ``model``, ``set_batch``...) are the
-    wrapped oracle's, so schedulers see through the view (:attr:`unwrapped`).
-    """
-
-    def __init__(self, oracle: Oracle, limit: int | None = None):
-        object.__setattr__(self, "unwrapped", oracle)
-        self._start = oracle.nfev
-        self.limit = limit
-        self._outstanding = 0
-
-    # counting goes to the wrapped oracle
-    @property
-    def nfev(self) -> int:
-        return self.unwrapped.nfev
-
-    @nfev.setter
-    def nfev(self, value: int) -> None:
-        self.unwrapped.nfev = value
-
-    @property
-    def failures(self):
-        return self.unwrapped.failures
-
-    @property
-    def policy(self) -> FailurePolicy:
-        return self.unwrapped.policy
-
-    @property
-    def dim(self) -> int:
-        return self.unwrapped.dim
-
-    @property
-    def dtype(self):
-        return self.unwrapped.dtype
-
-    @property
-    def device(self):
-        return self.unwrapped.device
-
-    @property
-    def chunk_size(self) -> int:
-        return self.unwrapped.chunk_size
-
-    @property
-    def budget(self) -> int | None:
-        """The tighter of the wrapped oracle's budget and the view's limit (absolute, in ``nfev``)."""
-        own = self.unwrapped.budget
-        if self.limit is None:
-            return own
-        mine = self._start + self.limit
-        return mine if own is None else min(own, mine)
-
-    def set_limit(self, limit: int | None) -> None:
-        """Allow ``limit`` more queries from now on (``None``: only the oracle's own budget)."""
-        self._start = self.unwrapped.nfev
-        self.limit = limit
-
-    def reserve(self, n: int) -> None:
-        super().reserve(n)
-        inner = type(self.unwrapped).reserve
-        if inner is not Oracle.reserve:  # the oracle checks something of its own (e.g. a batch is set)
-            self.unwrapped.reserve(n)
-
-    def raw_evaluate(self, X):
-        return self.unwrapped.raw_evaluate(X)
-
-    def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "unwrapped"), name)
-
-    def __repr__(self) -> str:
-        return f"BudgetView({self.unwrapped!r}, limit={self.limit})"
 
 
 # ------------------------------------------------------------------------------------------ the engine
