@@ -67,6 +67,7 @@ LAYERS = {
     # 4. drivers
     "zoblackbox.optim": DRIVERS,
     "zoblackbox.train": DRIVERS,
+    "zoblackbox.trainer_parts": DRIVERS,
     "zoblackbox.callbacks": DRIVERS,
     # 6. recipes, CLI and test helpers
     "zoblackbox.recipes": RECIPES,

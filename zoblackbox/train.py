@@ -6,11 +6,13 @@ cosine (or constant) LR schedule. It is a driver of the ask/tell engine
 :class:`~zoblackbox.torch_module.ModuleOracle` and runs one engine iteration (``method="zo"``), or
 hands the engine an autograd gradient (``method="fo"``, the reference the ZO run is compared with),
 so the update rule, the LR schedule, the query budget and the sparse mask are the engine's.
-It shows a tqdm progress bar, appends one JSON line of metrics per epoch to
-``<output_dir>/metrics.jsonl``, and writes a safe checkpoint (``zoblackbox.checkpoint``) every
-``checkpoint_every`` epochs and, optionally, every ``checkpoint_every_steps`` steps, from which
-:meth:`Trainer.fit` resumes with ``resume=True`` -- bitwise exactly, also in the middle of an epoch
-(data order, RNG states, optimizer, LR schedule and sparse masks are all in the checkpoint).
+:meth:`Trainer.fit` is a short loop over epochs and batches; what surrounds it is attached as parts
+(:mod:`zoblackbox.trainer_parts`, user parts via ``parts=[...]``): the sparse-mask redraws, a tqdm
+progress bar, one JSON line of metrics per epoch in ``<output_dir>/metrics.jsonl``, the failure
+log, and a safe checkpoint (``zoblackbox.checkpoint``) every ``checkpoint_every`` epochs and,
+optionally, every ``checkpoint_every_steps`` steps, from which :meth:`Trainer.fit` resumes with
+``resume=True`` -- bitwise exactly, also in the middle of an epoch (data order, RNG states,
+optimizer, LR schedule and sparse masks are all in the checkpoint).
 
 Failed queries (see ``docs/failures.md``) are never dropped silently: each one is appended to
 ``<output_dir>/failures.jsonl`` with the step it happened in, every epoch's metrics carry the
@@ -20,20 +22,18 @@ failures, and :meth:`Trainer.fit` returns the oracle's failure report.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .engine import AskTell
 from .errors import CheckpointError, ConfigError, OracleError
 from .estimators import CoordinateEstimator, Estimator
@@ -41,6 +41,7 @@ from .optim import ZOGradient
 from .params import ParamLayout
 from .schedules import Constant, WarmupCosine
 from .sparsity import SparseSchedule
+from .trainer_parts import HOOKS, EpochProgress, FailureLog, MaskRedraw, MetricsLog, TrainerCheckpoints, check_parts
 
 __all__ = ["Trainer", "warmup_cosine"]
 
@@ -48,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("zo", "fo")
 LR_SCHEDULES = ("cosine", "constant")
+#: the keys of a Trainer's state (parts with a ``state_key`` add theirs)
+_STATE_KEYS = frozenset({"model", "engine", "torch_rng", "epoch", "global_step", "wall_offset", "history",
+                         "batch_in_epoch", "epoch_losses", "loader_rng", "oracle", MaskRedraw.state_key})
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int = 0, final_fraction: float = 0.0) -> WarmupCosine:
@@ -90,6 +94,17 @@ class Trainer:
         sparse: a :class:`~zoblackbox.sparsity.SparseSchedule`: each step estimates (ZO) or keeps
             (FO, sparse-gradient reference) only the coordinates of the current mask, redrawn
             every ``interval`` epochs or steps; the model stays dense.
+        parts: extra pieces around the loop (:mod:`zoblackbox.trainer_parts`: hooks called before
+            and after every step, at epoch ends...; a part with a ``state_key`` is checkpointed).
+            They run after the built-in ones and before the checkpoints.
+
+    Attributes:
+        parts: every attached part, in the order their hooks run: :attr:`mask`
+            (:class:`~zoblackbox.trainer_parts.MaskRedraw`, with ``sparse``), the progress bar, the
+            failure log (ZO), the metrics log (with ``output_dir``), ``parts``, and
+            :attr:`checkpoints` (:class:`~zoblackbox.trainer_parts.TrainerCheckpoints`, with
+            ``output_dir``).
+        epoch, global_step, batch_in_epoch: the loop's position; history: the epoch records.
     """
 
     def __init__(self, model: nn.Module, train_loader, test_loader=None, *, loss_fn: Callable = F.cross_entropy,
@@ -98,7 +113,8 @@ class Trainer:
                  epochs: int = 10, budget: int | None = None, bn_policy: str = "batch", scheduler=None,
                  device: str | torch.device = "cpu", output_dir: str | Path | None = None,
                  checkpoint_every: int = 1, progress: bool = True, oracle_kwargs: dict | None = None,
-                 sparse: SparseSchedule | None = None, checkpoint_every_steps: int | None = None):
+                 sparse: SparseSchedule | None = None, checkpoint_every_steps: int | None = None,
+                 parts: Sequence | None = None):
         if method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
         if lr_schedule not in LR_SCHEDULES:
@@ -131,12 +147,7 @@ class Trainer:
         self.zo = None
         self.layout = ParamLayout.from_tensors([(n, p) for n, p in model.named_parameters() if p.requires_grad])
         self.sparse = sparse
-        if sparse is not None:
-            if not isinstance(sparse, SparseSchedule):
-                raise TypeError(f"sparse must be a SparseSchedule, got {type(sparse).__name__}")
-            if sparse.sampler.layout != self.layout:
-                raise ConfigError("the sparse sampler's layout does not match the model's trainable parameters")
-        self.coords: torch.Tensor | None = None
+        self.mask = MaskRedraw(sparse, self.layout, self.device) if sparse is not None else None
         if method == "zo":
             self.zo = ZOGradient(model, loss_fn, estimator=estimator, bn_policy=bn_policy, scheduler=scheduler,
                                  **(oracle_kwargs or {}))
@@ -149,19 +160,31 @@ class Trainer:
                               CoordinateEstimator(), optimizer=optimizer, lr=lr, optimizer_kwargs=optimizer_kwargs,
                               lr_schedule=schedule, budget=budget if method == "zo" else None,
                               evaluate_final=False)
+        self.checkpoints = TrainerCheckpoints(self.output_dir / "checkpoints", checkpoint_every,
+                                              checkpoint_every_steps) if self.output_dir is not None else None
+        self.parts = self._attach(progress, check_parts(parts, reserved=_STATE_KEYS))
+        # the loop's position (a mid-epoch checkpoint holds it, to resume exactly)
         self.epoch = 0
         self.global_step = 0
-        self._epoch_start = True
-        self._mask_drawn_at = -1
+        self._batch_in_epoch = 0
         self.history: list[dict] = []
         self._wall_offset = 0.0
-        # position inside the current epoch (what a mid-epoch checkpoint needs to resume exactly)
-        self._batch_in_epoch = 0
+        self._t0: float | None = None  # set while fit() runs
         self._epoch_losses: list[float] = []
         self._epoch_loader_rng: torch.Tensor | None = None  # loader generator state at the epoch start
-        self._failures_logged = 0  # oracle failures already written to failures.jsonl
 
-    # ------------------------------------------------------------------ metrics
+    def _attach(self, progress: bool, extra: list) -> list:
+        """The parts around the loop, in the order their hooks run: the mask first (it sets up the
+        step), the built-in logs, the user's parts, and the checkpoints last (they see the rest)."""
+        out = self.output_dir
+        parts = [self.mask, EpochProgress() if progress else None,
+                 FailureLog(self.zo.oracle, out / "failures.jsonl" if out is not None else None) if self.zo else None,
+                 MetricsLog(out / "metrics.jsonl") if out is not None else None, *extra, self.checkpoints]
+        parts = [p for p in parts if p is not None]
+        self._hooks = {h: [getattr(p, h) for p in parts if callable(getattr(p, h, None))] for h in HOOKS}
+        return parts
+
+    # ------------------------------------------------------------------ run state
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         """The engine's ``torch.optim`` optimizer (over the flat parameter vector)."""
@@ -176,6 +199,21 @@ class Trainer:
     def queries(self) -> int:
         """ZO queries spent so far (0 for first-order training)."""
         return self.zo.nfev if self.zo is not None else 0
+
+    @property
+    def coords(self) -> torch.Tensor | None:
+        """The current sparse mask's coordinates (``None``: dense training, or before the first draw)."""
+        return self.mask.coords if self.mask is not None else None
+
+    @property
+    def batch_in_epoch(self) -> int:
+        """Batches of the current epoch already trained on."""
+        return self._batch_in_epoch
+
+    @property
+    def elapsed(self) -> float:
+        """Wall-clock seconds of training, over all the runs a resumed training consists of."""
+        return self._wall_offset if self._t0 is None else time.perf_counter() - self._t0
 
     @torch.no_grad()
     def evaluate(self, loader) -> dict:
@@ -195,10 +233,12 @@ class Trainer:
             self.model.train(was_training)
         return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
 
-    # ------------------------------------------------------------------ training
-    def _flat_params(self) -> torch.Tensor:
+    def flat_params(self) -> torch.Tensor:
+        """The trainable parameters as one flat vector (in :attr:`layout` order)."""
         named = dict(self.model.named_parameters())
         return self.layout.flatten({n: named[n] for n in self.layout.names})
+
+    _flat_params = flat_params
 
     def _set_flat_params(self, x: torch.Tensor) -> None:
         named = dict(self.model.named_parameters())
@@ -206,60 +246,7 @@ class Trainer:
             for n, t in self.layout.unflatten(x).items():
                 named[n].copy_(t)
 
-    def _maybe_redraw_mask(self) -> None:
-        sp = self.sparse
-        if sp is None:
-            return
-        counter = self.epoch if sp.unit == "epoch" else self.global_step
-        at_boundary = sp.unit == "step" or self._epoch_start
-        if self.coords is None or (at_boundary and counter % sp.interval == 0 and counter != self._mask_drawn_at):
-            self.coords = sp.sampler.sample(self._flat_params()).to(self.device)
-            self._mask_drawn_at = counter
-
-    def _step(self, xb, yb) -> float | None:
-        """One engine iteration on this batch; ``None`` when the engine's budget ended the run."""
-        self._maybe_redraw_mask()
-        eng = self.engine
-        eng.coords = self.coords
-        eng.freeze = None
-        if self.coords is not None and self.sparse.freeze_inactive:
-            eng.freeze = torch.ones(self.layout.dim, dtype=torch.bool, device=self.device)
-            eng.freeze[self.coords] = False
-        if self.zo is not None:
-            oracle = self.zo.oracle
-            oracle.set_batch(xb, yb)
-            x = eng.rule.x.clone()
-            record = eng.step(oracle, self.zo.scheduler)
-            if record is None:
-                return None
-            oracle.update_bn_stats(x)
-            loss = math.nan if record["f0"] is None else record["f0"]
-        else:
-            for p in self.model.parameters():
-                p.grad = None
-            out = self.model(xb.to(self.device))
-            loss_t = self.loss_fn(out, yb.to(self.device))
-            loss_t.backward()
-            loss = float(loss_t.detach())
-            if self.coords is not None:
-                self._mask_grads()
-            named = dict(self.model.named_parameters())
-            grad = self.layout.flatten({n: named[n].grad if named[n].grad is not None else torch.zeros_like(named[n])
-                                        for n in self.layout.names})
-            if eng.step_gradient(grad, loss) is None:
-                return None
-        self._set_flat_params(eng.rule.x)
-        self.global_step += 1
-        return loss
-
-    def _mask_grads(self) -> None:
-        named = dict(self.model.named_parameters())
-        keep = torch.zeros(self.layout.dim, dtype=torch.bool, device=self.device)
-        keep[self.coords] = True
-        for n, m in self.layout.unflatten(keep).items():
-            if named[n].grad is not None:
-                named[n].grad.mul_(m.to(named[n].grad.dtype))
-
+    # ------------------------------------------------------------------ training
     def fit(self, resume: bool = False) -> dict:
         """Train for the configured epochs (continuing from the last checkpoint with ``resume``).
 
@@ -276,111 +263,104 @@ class Trainer:
         """
         if resume:
             self.resume()
-        t0 = time.perf_counter() - self._wall_offset
+        self._t0 = time.perf_counter() - self._wall_offset
+        try:
+            return self._fit()
+        finally:
+            self._wall_offset, self._t0 = self.elapsed, None
+
+    def _fit(self) -> dict:
         stop_reason = "completed"
-        metrics_file = None
-        if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            metrics_file = self.output_dir / "metrics.jsonl"
         self.model.train()
-        generator = self._loader_generator()
+        self._emit("on_fit_start")
         while self.epoch < self.epochs and stop_reason == "completed":
-            skip = self._batch_in_epoch
-            if skip == 0:
-                self._epoch_losses = []
-                self._epoch_loader_rng = generator.get_state() if generator is not None else None
-            elif generator is not None and self._epoch_loader_rng is not None:
-                generator.set_state(self._epoch_loader_rng)  # the interrupted epoch's shuffle, again
-            self._epoch_start = skip == 0
-            failed_before = len(self.zo.oracle.failures) if self.zo is not None else 0
-            bar = tqdm(self.train_loader, desc=f"{self.method.upper()} epoch {self.epoch + 1}/{self.epochs}",
-                       disable=not self.progress, leave=False, dynamic_ncols=True)
-            for i, (xb, yb) in enumerate(bar):
-                if i < skip:  # used before the checkpoint this run resumed from
-                    continue
+            skip = self._start_epoch()
+            self._emit("on_epoch_start")
+            for xb, yb in self._batches(skip):
+                self._emit("before_step")
                 try:
                     loss = self._step(xb, yb)
                 except OracleError as exc:
-                    self._log_failures(self.global_step + 1)
-                    note = (f"training stopped in step {self.global_step + 1} (epoch {self.epoch + 1}) under the "
-                            f"'{self.zo.oracle.policy.action}' failure policy; pass "
-                            "oracle_kwargs={'on_failure': 'retry' | 'inf' | 'skip'} to keep going")
-                    if hasattr(exc, "add_note"):
-                        exc.add_note(note)
-                    logger.error("%s; %s", exc, note)
+                    self._emit("on_step_error", exc)
                     raise
                 if loss is None:  # the engine stopped: the next step would overrun the query budget
                     stop_reason = f"query budget reached ({self.queries} of {self.budget})"
                     break
                 self._epoch_losses.append(loss)
                 self._batch_in_epoch += 1
-                self._epoch_start = False
-                self._log_failures(self.global_step)
-                bar.set_postfix(loss=f"{loss:.4f}", queries=self.queries, refresh=False)
-                if self._step_checkpoint_due():
-                    self._wall_offset = time.perf_counter() - t0
-                    self.save_checkpoint()
-            bar.close()
+                self._emit("after_step", loss)
             if stop_reason == "completed":
                 self.epoch += 1
                 self._batch_in_epoch = 0
-            record = self._epoch_record(self._epoch_losses, time.perf_counter() - t0)
+            record = self._epoch_record(self._epoch_losses, self.elapsed)
             self.history.append(record)
-            if self.zo is not None and len(self.zo.oracle.failures) > failed_before:
-                logger.warning("epoch %d: %d failed queries under %s; totals so far: %s", record["epoch"],
-                               len(self.zo.oracle.failures) - failed_before, self.zo.oracle.policy,
-                               record["failures"])
-            if self.progress:
-                tqdm.write(_format_record(record, self.epochs))
-            if metrics_file is not None:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if self.output_dir is not None and (self.epoch % self.checkpoint_every == 0 or self.epoch == self.epochs):
-                self._wall_offset = time.perf_counter() - t0
-                self.save_checkpoint()
-        wall = time.perf_counter() - t0
+            self._emit("on_epoch_end", record)
         last = self.history[-1] if self.history else {}
-        failures = self.zo.oracle.failure_report() if self.zo is not None else None
-        if failures and failures["failed_queries"]:
-            logger.warning("training finished (%s) with %d failed queries: %s", stop_reason,
-                           failures["failed_queries"], failures)
-        return {
+        summary = {
             "test_acc": last.get("test_acc"), "test_loss": last.get("test_loss"), "train_acc": last.get("train_acc"),
-            "queries": self.queries, "steps": self.global_step, "epochs": self.epoch, "wall_s": wall,
-            "stop_reason": stop_reason, "history": self.history, "failures": failures,
+            "queries": self.queries, "steps": self.global_step, "epochs": self.epoch, "wall_s": self.elapsed,
+            "stop_reason": stop_reason, "history": self.history,
+            "failures": self.zo.oracle.failure_report() if self.zo is not None else None,
         }
+        self._emit("on_fit_end", summary)
+        return summary
+
+    def _emit(self, hook: str, *args) -> None:
+        for fn in self._hooks[hook]:
+            fn(self, *args)
+
+    def _start_epoch(self) -> int:
+        """Prepare the data of the current epoch; returns the batches to skip. A resumed epoch
+        replays its shuffle (the loader's generator state at its start), and the batches used before
+        the checkpoint are read again, not trained on."""
+        generator = self._loader_generator()
+        if self._batch_in_epoch == 0:
+            self._epoch_losses = []
+            self._epoch_loader_rng = generator.get_state() if generator is not None else None
+        elif generator is not None and self._epoch_loader_rng is not None:
+            generator.set_state(self._epoch_loader_rng)
+        return self._batch_in_epoch
+
+    def _batches(self, skip: int):
+        """The epoch's batches after the first ``skip``. One loader iterator is made and dropped
+        first: the loop used to iterate through a ``tqdm.auto`` bar, whose constructor makes one,
+        and a ``DataLoader`` iterator draws its base seed from the loader's generator. Kept so that
+        data orders, and the mid-epoch checkpoints written before, stay the same."""
+        iter(self.train_loader)
+        return itertools.islice(self.train_loader, skip, None)
+
+    def _step(self, xb, yb) -> float | None:
+        """One engine iteration on this batch; ``None`` when the engine's budget ended the run."""
+        eng = self.engine
+        if self.zo is not None:
+            oracle = self.zo.oracle
+            oracle.set_batch(xb, yb)
+            x = eng.rule.x.clone()
+            record = eng.step(oracle, self.zo.scheduler)
+            if record is None:
+                return None
+            oracle.update_bn_stats(x)
+            loss = math.nan if record["f0"] is None else record["f0"]
+        else:
+            for p in self.model.parameters():
+                p.grad = None
+            loss_t = self.loss_fn(self.model(xb.to(self.device)), yb.to(self.device))
+            loss_t.backward()
+            loss = float(loss_t.detach())
+            named = dict(self.model.named_parameters())
+            grad = self.layout.flatten({n: named[n].grad if named[n].grad is not None else torch.zeros_like(named[n])
+                                        for n in self.layout.names})
+            if self.mask is not None:
+                grad = self.mask.mask_gradient(grad)
+            if eng.step_gradient(grad, loss) is None:
+                return None
+        self._set_flat_params(eng.rule.x)
+        self.global_step += 1
+        return loss
 
     def _loader_generator(self) -> torch.Generator | None:
         generator = getattr(self.train_loader, "generator", None)
         return generator if isinstance(generator, torch.Generator) else None
-
-    def _step_checkpoint_due(self) -> bool:
-        """A mid-epoch checkpoint after this step (not when the epoch-end checkpoint follows anyway)."""
-        if self.output_dir is None or self.checkpoint_every_steps is None:
-            return False
-        if self.global_step % self.checkpoint_every_steps != 0:
-            return False
-        if self._batch_in_epoch == self.steps_per_epoch:
-            ending = self.epoch + 1
-            return not (ending % self.checkpoint_every == 0 or ending == self.epochs)
-        return True
-
-    def _log_failures(self, step: int) -> None:
-        """Append the oracle's failures recorded since the last call to ``failures.jsonl``."""
-        if self.zo is None:
-            return
-        new = self.zo.oracle.failures[self._failures_logged:]
-        if not new:
-            return
-        self._failures_logged += len(new)
-        for f in new:
-            logger.debug("step %d: %s", step, f.message)
-        if self.output_dir is None:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        lines = "".join(json.dumps({"step": step, "epoch": self.epoch + 1, **f.as_dict()}) + "\n" for f in new)
-        with (self.output_dir / "failures.jsonl").open("a") as fh:
-            fh.write(lines)
 
     def _epoch_record(self, losses: list[float], wall: float) -> dict:
         finite = [v for v in losses if math.isfinite(v)]
@@ -404,7 +384,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "epoch": self.epoch,
             "global_step": self.global_step,
-            "wall_offset": self._wall_offset,
+            "wall_offset": self.elapsed,
             "history": json.dumps(self.history),
             "batch_in_epoch": self._batch_in_epoch,
             "epoch_losses": [float(v) for v in self._epoch_losses] if self._batch_in_epoch else [],
@@ -414,19 +394,25 @@ class Trainer:
             # mid-epoch: the state the epoch's shuffle was drawn from (resume replays it)
             mid_epoch = self._batch_in_epoch > 0 and self._epoch_loader_rng is not None
             state["loader_rng"] = self._epoch_loader_rng if mid_epoch else generator.get_state()
-        if self.sparse is not None:
-            state["sparse"] = {"sampler": self.sparse.sampler.state_dict(), "drawn_at": self._mask_drawn_at,
-                               "coords": self.coords.cpu() if self.coords is not None else torch.empty(0)}
+        for part in self.parts:
+            if getattr(part, "state_key", None) is not None:
+                state[part.state_key] = part.state_dict()
         if self.zo is not None:
             state["oracle"] = self.zo.oracle.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise CheckpointError(f"a Trainer state must be a dict, got {type(state).__name__}")
         batch_in_epoch = state.get("batch_in_epoch", 0)
         if isinstance(batch_in_epoch, bool) or not isinstance(batch_in_epoch, int) or not (
                 0 <= batch_in_epoch <= self.steps_per_epoch):
             raise CheckpointError(f"the checkpoint was taken after batch {batch_in_epoch!r} of an epoch, but this "
                                   f"train_loader has {self.steps_per_epoch} batches per epoch")
+        for key in ("epoch", "global_step"):
+            value = state.get(key)
+            if key in state and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise CheckpointError(f"the checkpoint's {key} is {value!r}, not an int >= 0")
         try:
             self.engine.load_state_dict(state["engine"])  # checked against this trainer's run first
             self.model.load_state_dict(state["model"])
@@ -442,22 +428,18 @@ class Trainer:
         if "loader_rng" in state and generator is not None:
             generator.set_state(state["loader_rng"])
             self._epoch_loader_rng = state["loader_rng"] if self._batch_in_epoch else None
-        if self.sparse is not None and "sparse" in state:
-            self.sparse.sampler.load_state_dict(state["sparse"]["sampler"])
-            self._mask_drawn_at = int(state["sparse"]["drawn_at"])
-            coords = state["sparse"]["coords"]
-            self.coords = coords.to(self.device) if coords.numel() else None
-        if self.zo is not None:
-            if "oracle" in state:
-                self.zo.oracle.load_state_dict(state["oracle"])
-            self._failures_logged = len(self.zo.oracle.failures)
+        for part in self.parts:
+            key = getattr(part, "state_key", None)
+            if key is not None and key in state:
+                part.load_state_dict(state[key])
+        if self.zo is not None and "oracle" in state:
+            self.zo.oracle.load_state_dict(state["oracle"])
+        self._emit("on_load")
 
     def save_checkpoint(self) -> Path:
-        if self.output_dir is None:
+        if self.checkpoints is None:
             raise ConfigError("save_checkpoint needs an output_dir")
-        meta = {"epoch": self.epoch, "step": self.global_step, "batch_in_epoch": self._batch_in_epoch,
-                "method": self.method, "queries": self.queries}
-        return save_checkpoint(self.output_dir / "checkpoints", self.state_dict(), meta, tag=self.global_step)
+        return self.checkpoints.save(self)
 
     def resume(self) -> bool:
         """Load the newest checkpoint in ``output_dir/checkpoints``; ``False`` if there is none.
@@ -466,47 +448,14 @@ class Trainer:
         the records a killed run wrote after its last checkpoint are not duplicated when the
         resumed run repeats those steps.
         """
-        if self.output_dir is None:
+        if self.checkpoints is None:
             raise ConfigError("resume needs an output_dir")
-        directory = self.output_dir / "checkpoints"
-        if latest_checkpoint(directory) is None:
+        if not self.checkpoints.exists():
             return False
-        state, meta = load_checkpoint(directory, map_location=self.device)
+        state, meta = self.checkpoints.load(map_location=self.device)
         self.load_state_dict(state)
-        self._truncate_logs()
+        self._emit("on_resume")
         logger.info("resumed from %s: step %d, epoch %d + %d batches, %d queries spent",
-                    meta.get("file", directory), self.global_step, self.epoch, self._batch_in_epoch, self.queries)
+                    meta.get("file", self.checkpoints.directory), self.global_step, self.epoch,
+                    self._batch_in_epoch, self.queries)
         return True
-
-    def _truncate_logs(self) -> None:
-        metrics = self.output_dir / "metrics.jsonl"
-        if metrics.exists():
-            _replace_text(metrics, "".join(json.dumps(r) + "\n" for r in self.history))
-        failures = self.output_dir / "failures.jsonl"
-        if failures.exists():
-            kept = []
-            for line in failures.read_text().splitlines(keepends=True):
-                try:
-                    step = json.loads(line)["step"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut short by the kill
-                if step <= self.global_step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-            _replace_text(failures, "".join(kept))
-
-
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _format_record(r: dict, epochs: int) -> str:
-    parts = [f"epoch {r['epoch']:>3}/{epochs}", f"train loss {r['train_loss']:.4f}", f"train acc {r['train_acc']:.3f}"]
-    if "test_acc" in r:
-        parts.append(f"test acc {r['test_acc']:.3f}")
-    parts.append(f"queries {r['queries']:,}")
-    if r.get("failures", {}).get("failed_queries"):
-        parts.append(f"failed queries {r['failures']['failed_queries']:,}")
-    parts.append(f"{r['wall_s']:.1f}s")
-    return "  ".join(parts)
