@@ -39,6 +39,7 @@ from .errors import CheckpointError, ConfigError, OracleError
 from .estimators import CoordinateEstimator, Estimator
 from .optim import ZOGradient
 from .params import ParamLayout
+from .result import ZOResult
 from .schedules import Constant, WarmupCosine
 from .sparsity import SparseSchedule
 from .trainer_parts import HOOKS, EpochProgress, FailureLog, MaskRedraw, MetricsLog, TrainerCheckpoints, check_parts
@@ -247,14 +248,15 @@ class Trainer:
                 named[n].copy_(t)
 
     # ------------------------------------------------------------------ training
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: bool = False) -> ZOResult:
         """Train for the configured epochs (continuing from the last checkpoint with ``resume``).
 
         Returns:
-            a summary: ``test_acc``, ``test_loss``, ``train_acc``, ``queries``, ``steps``,
-            ``epochs``, ``wall_s``, ``stop_reason``, ``failures`` (the oracle's
-            :meth:`~zoblackbox.oracle.Oracle.failure_report`, ``None`` for first-order training)
-            and the per-epoch ``history``.
+            a :class:`~zoblackbox.result.ZOResult` (a dict): ``test_acc``, ``test_loss``,
+            ``train_acc``, ``queries``, ``steps``, ``epochs``, ``wall_s``, ``stop_reason``,
+            ``failures`` (the oracle's :meth:`~zoblackbox.oracle.Oracle.failure_report`, ``None``
+            for first-order training) and the per-epoch ``history``; under scipy's names too:
+            ``fun`` (the last train loss), ``nfev``, ``nit``, ``message``, ``success``, ``wall_time``.
 
         Raises:
             OracleError: a query failed under the ``raise`` failure policy (the default); the
@@ -296,12 +298,16 @@ class Trainer:
             self.history.append(record)
             self._emit("on_epoch_end", record)
         last = self.history[-1] if self.history else {}
-        summary = {
-            "test_acc": last.get("test_acc"), "test_loss": last.get("test_loss"), "train_acc": last.get("train_acc"),
-            "queries": self.queries, "steps": self.global_step, "epochs": self.epoch, "wall_s": self.elapsed,
-            "stop_reason": stop_reason, "history": self.history,
-            "failures": self.zo.oracle.failure_report() if self.zo is not None else None,
-        }
+        train_loss = last.get("train_loss")
+        summary = ZOResult(
+            test_acc=last.get("test_acc"), test_loss=last.get("test_loss"), train_acc=last.get("train_acc"),
+            queries=self.queries, steps=self.global_step, epochs=self.epoch, wall_s=self.elapsed,
+            stop_reason=stop_reason, history=self.history,
+            failures=self.zo.oracle.failure_report() if self.zo is not None else None,
+            # the library's one result type: the same run under scipy's names (the parameters are the model's)
+            fun=math.nan if train_loss is None else train_loss, nfev=self.queries, nit=self.global_step,
+            message=stop_reason, success=train_loss is not None and math.isfinite(train_loss), wall_time=self.elapsed,
+        )
         self._emit("on_fit_end", summary)
         return summary
 
