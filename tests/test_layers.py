@@ -47,6 +47,7 @@ LAYERS = {
     "zoblackbox.params": CORE,
     "zoblackbox.estimators": CORE,
     "zoblackbox.directions": CORE,
+    "zoblackbox.parts": CORE,
     "zoblackbox.shaping": CORE,
     "zoblackbox.sparsity": CORE,
     "zoblackbox.checkpoint": CORE,

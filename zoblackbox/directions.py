@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError
+from .parts import is_builtin_part, resolve_part
 
 __all__ = ["Directions", "GaussianDirections", "RademacherDirections", "SphereDirections", "directions_from"]
 
@@ -106,17 +106,9 @@ def directions_from(spec) -> Directions:
     Raises:
         ConfigError: ``spec`` is neither (the message names it and the allowed names).
     """
-    if isinstance(spec, Directions):
-        return spec
-    if isinstance(spec, str) and spec in _BUILTIN:
-        return _BUILTIN[spec]()
-    if isinstance(spec, type) and issubclass(spec, Directions):
-        raise ConfigError(f"directions must be an instance, got the class {spec!r}: pass {spec.__name__}()")
-    raise ConfigError(f"directions must be one of {tuple(_BUILTIN)} or a zoblackbox Directions instance, "
-                      f"got {spec!r}")
+    return resolve_part(spec, Directions, _BUILTIN, "directions")
 
 
 def is_builtin(obj: Directions) -> bool:
     """Whether ``obj`` is exactly one of the built-ins (a subclass of one may behave differently)."""
-    name = getattr(obj, "name", None)
-    return isinstance(name, str) and type(obj) is _BUILTIN.get(name)
+    return is_builtin_part(obj, _BUILTIN)

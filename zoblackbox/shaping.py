@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError
+from .parts import is_builtin_part, resolve_part
 
 __all__ = ["FitnessShaping", "RankShaping", "StdShaping", "average_ranks", "shaping_from"]
 
@@ -122,17 +122,9 @@ def shaping_from(spec) -> FitnessShaping | None:
     Raises:
         ConfigError: ``spec`` is none of these (the message names it and the allowed names).
     """
-    if spec is None or isinstance(spec, FitnessShaping):
-        return spec
-    if isinstance(spec, str) and spec in _BUILTIN:
-        return _BUILTIN[spec]()
-    if isinstance(spec, type) and issubclass(spec, FitnessShaping):
-        raise ConfigError(f"fitness_shaping must be an instance, got the class {spec!r}: pass {spec.__name__}()")
-    raise ConfigError(f"fitness_shaping must be None, one of {tuple(_BUILTIN)} or a zoblackbox FitnessShaping "
-                      f"instance, got {spec!r}")
+    return resolve_part(spec, FitnessShaping, _BUILTIN, "fitness_shaping", allow_none=True)
 
 
 def is_builtin(obj: FitnessShaping) -> bool:
     """Whether ``obj`` is exactly one of the built-ins (a subclass of one may behave differently)."""
-    name = getattr(obj, "name", None)
-    return isinstance(name, str) and type(obj) is _BUILTIN.get(name)
+    return is_builtin_part(obj, _BUILTIN)
