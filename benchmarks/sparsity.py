@@ -59,6 +59,7 @@ from scipy.stats import spearmanr
 from zoblackbox import CoordinateEstimator
 from zoblackbox.adapters import ModuleOracle
 from zoblackbox.cli import balanced_indices, positive_float, positive_int
+from zoblackbox.cli_args import checked_number
 from zoblackbox.data import Split, load_digits_split, make_loader
 from zoblackbox.models import count_params, digits_cnn
 from zoblackbox.params import ParamLayout
@@ -85,13 +86,7 @@ TARGET_GRASP_VS_UNIFORM = (0.95, 0.99)
 
 
 def _sparsity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a sparsity in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a sparsity in (0, 1), got {value}")
-    return value
+    return checked_number(text, float, lambda v: 0 < v < 1, "a sparsity in (0, 1)")
 
 
 

@@ -9,40 +9,38 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["positive_float", "positive_int", "probability", "radii_list"]
+__all__ = ["checked_number", "non_negative_int", "positive_float", "positive_int", "probability", "radii_list"]
+
+
+def checked_number(text: str, convert, ok, expected: str):
+    """``convert(text)`` if it parses and ``ok(value)``; else argparse's error ``expected <expected>, got ...``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    return checked_number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    return checked_number(text, int, lambda v: v >= 0, "a non-negative integer")
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
-    return value
+    return checked_number(text, float, lambda v: 0 < v < float("inf"), "a positive finite number")
 
 
 def probability(text: str) -> float:
     """A number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
-    return value
+    return checked_number(text, float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 def radii_list(text: str) -> list[float]:

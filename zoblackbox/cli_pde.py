@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .cli_args import positive_float, positive_int
+from .cli_args import non_negative_int, positive_float, positive_int
 from .errors import ConfigError
 from .recipes import RECIPES, Recipe
 
@@ -151,14 +151,6 @@ def run_methods(problem: Problem, methods, recipe: Recipe, seed: int = 0, *, log
 
 
 # --------------------------------------------------------------------------- command line
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
 
 
 
@@ -178,11 +170,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=positive_int, default=None, help="training simulations (burgers 10, wake 4)")
     p.add_argument("--n-test", type=positive_int, default=None, help="test simulations (burgers 5, wake 2)")
     p.add_argument("--sim-steps", type=positive_int, default=None, help="recorded steps per simulation (200)")
-    p.add_argument("--warmup", type=_non_negative_int, default=None, help="reference steps before recording")
+    p.add_argument("--warmup", type=non_negative_int, default=None, help="reference steps before recording")
     p.add_argument("--factor", type=positive_int, default=None,
                    help="reference resolution / source resolution (burgers 4, wake 2; 4 is the GPU-sized wake)")
-    p.add_argument("--sol-steps", type=_non_negative_int, default=None, help="optimizer steps of the SOL methods")
-    p.add_argument("--non-steps", type=_non_negative_int, default=None, help="optimizer steps of NON")
+    p.add_argument("--sol-steps", type=non_negative_int, default=None, help="optimizer steps of the SOL methods")
+    p.add_argument("--non-steps", type=non_negative_int, default=None, help="optimizer steps of NON")
     p.add_argument("--unroll", type=positive_int, default=None, help="solver steps in the SOL loss (m)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="windows per SOL minibatch")
     p.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate of fo-sol and zo-sol")
