@@ -19,11 +19,15 @@ Protocol (version 1), one JSON object per line, UTF-8:
 and go to the oracle's failure policy as non-finite values); ``id`` must echo the request's.
 The program must write nothing else to stdout (logs go to stderr, whose last lines are quoted
 in error messages) and exit when its stdin is closed. Anything else (a line that is not JSON, a
-wrong ``id``, a missing or non-numeric ``loss``, extra output) is a :class:`ProtocolError`
-that names the offending line; the program is then restarted, since its stream can no longer be
-trusted. A query that takes longer than ``timeout`` seconds kills the program (``TimeoutError``,
-a ``"timeout"`` failure for the oracle's policy); a program that exits mid-query raises
-:class:`ProgramCrashError`. In both cases the next query starts a fresh copy.
+wrong ``id``, a missing or non-numeric ``loss``, extra output, an answer line of more than
+1 MiB = 1,048,576 bytes not counting its newline) is a :class:`ProtocolError` that names the
+offending line; the program is then restarted, since its stream can no longer be trusted. A query
+that takes longer than ``timeout`` seconds kills the program (``TimeoutError``, a ``"timeout"``
+failure for the oracle's policy); a program that exits (or closes its stdout) mid-query raises
+:class:`ProgramCrashError` with its real exit code (or the signal that killed it) and the last
+lines of its stderr. In both cases the next query starts a fresh copy. A command whose program does
+not exist or is not executable is a :class:`~zoblackbox.errors.ConfigError` when the oracle is
+built, before any query is counted.
 
 The command is a list of strings run without a shell (``subprocess.Popen(list)``): nothing in
 it is interpreted, so parameters and paths cannot inject commands.
@@ -36,6 +40,8 @@ import math
 import os
 import selectors
 import shlex
+import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -51,7 +57,10 @@ from zoblackbox.oracle import Oracle
 __all__ = ["PROTOCOL_VERSION", "ProcessOracle", "ProgramCrashError", "ProtocolError", "serve"]
 
 PROTOCOL_VERSION = 1
-_MAX_LINE = 1 << 20  # a response line longer than 1 MiB is refused
+_MAX_LINE = 1 << 20  # a response line of more than 1 MiB (not counting its newline) is refused
+_REAP_GRACE = 2.0  # seconds a program whose stdout closed mid-query gets to exit before it is killed
+_DRAIN_LIMIT = 16 << 20  # bytes of an over-long line read (and discarded) to report its size
+_DRAIN_TIME = 0.5  # seconds spent at most on that
 
 
 class ProtocolError(ZOError, ValueError):
@@ -60,6 +69,36 @@ class ProtocolError(ZOError, ValueError):
 
 class ProgramCrashError(ZOError, RuntimeError):
     """The program exited (or could not start) while a query was pending."""
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _check_program(command: list[str], cwd: str | None, env: Mapping[str, str] | None) -> None:
+    """Refuse a program that does not exist or is not executable (as ``Popen`` would find it)."""
+    program = command[0]
+    if os.sep in program or (os.altsep and os.altsep in program):
+        path = Path(program) if cwd is None or os.path.isabs(program) else Path(cwd) / program
+        where = "" if os.path.isabs(program) or cwd is None else f" (relative to cwd {cwd!r})"
+        if not path.exists():
+            raise ConfigError(f"program {program!r}{where} of command {command!r} does not exist")
+        if path.is_dir():
+            raise ConfigError(f"program {program!r}{where} of command {command!r} is a directory")
+        if not os.access(path, os.X_OK):
+            raise ConfigError(f"program {program!r}{where} of command {command!r} is not executable "
+                              f"(chmod +x it, or run it through its interpreter, e.g. [sys.executable, {program!r}])")
+        return
+    search = os.get_exec_path({**os.environ, **env} if env is not None else None)
+    if shutil.which(program, path=os.pathsep.join(search)) is None:
+        raise ConfigError(f"program {program!r} of command {command!r} was not found as an executable on PATH")
 
 
 def _kill(proc: subprocess.Popen | None, grace: float = 1.0) -> None:
@@ -118,6 +157,7 @@ class ProcessOracle(Oracle):
             raise ConfigError(f"env must map strings to strings, got {env!r}")
         if cwd is not None and not Path(cwd).is_dir():
             raise ConfigError(f"cwd {str(cwd)!r} is not a directory")
+        _check_program([os.fspath(c) for c in command], None if cwd is None else os.fspath(cwd), env)
         super().__init__(dim, **kwargs)
         self.command = [os.fspath(c) for c in command]
         self.timeout = None if timeout is None else float(timeout)
@@ -205,28 +245,72 @@ class ProcessOracle(Oracle):
         text = self._stderr.read().decode("utf-8", "replace")
         return "\n".join(text.splitlines()[-lines:])
 
-    def _crash(self, what: str) -> ProgramCrashError:
-        code = self._proc.poll() if self._proc is not None else None
-        tail = self.stderr_tail()
-        msg = f"{self._name} {what} (exit code {code})" + (f"; its stderr ends with:\n{tail}" if tail else "")
+    def _crash(self, qid: int) -> ProgramCrashError:
+        """The program's stdout closed (or its stdin broke) mid-query: reap it for its real exit status."""
+        proc, what = self._proc, f"exited while answering query id {qid}"
+        try:
+            code = proc.wait(timeout=_REAP_GRACE)
+        except subprocess.TimeoutExpired:
+            what = (f"closed its stdout while answering query id {qid} and was still running "
+                    f"{_REAP_GRACE:g} s later, so it was killed")
+            proc.kill()
+            try:
+                code = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
+                code = None
+        tail = self.stderr_tail()  # complete: the program has exited and its stderr is a file
+        msg = (f"{self._name} {what} ({_describe_exit(code)}); "
+               + (f"its stderr ends with:\n{tail}" if tail else "it wrote nothing to stderr"))
         self._stop()
         return ProgramCrashError(msg)
 
+    def _too_long(self, qid: int, fd: int, deadline: float | None) -> ProtocolError:
+        """An answer line passed the limit: measure it (reading and discarding, bounded), then refuse it."""
+        shown = self._buffer[:80].decode("utf-8", "replace").rstrip()
+        size = len(self._buffer)
+        end = time.monotonic() + _DRAIN_TIME
+        if deadline is not None:
+            end = min(end, deadline)
+        complete = False
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while size <= _DRAIN_LIMIT:
+                wait = end - time.monotonic()
+                if wait <= 0 or not sel.select(wait):
+                    break
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    complete = True
+                    break
+                newline = chunk.find(b"\n")
+                if newline >= 0:
+                    size += newline
+                    complete = True
+                    break
+                size += len(chunk)
+        self._stop()
+        length = f"{size} bytes" if complete else f"at least {size} bytes"
+        return ProtocolError(f"{self._name} answered query id {qid} with a line of {length} (starting {shown!r}...): "
+                             f"longer than the protocol's limit of 1 MiB = {_MAX_LINE} bytes per line; "
+                             "the program will be restarted")
+
     # ------------------------------------------------------------------ one query
-    def _read_line(self, deadline: float | None) -> bytes:
+    def _read_line(self, qid: int, deadline: float | None) -> bytes:
+        """One answer line (without its newline); never holds more than the limit + 1 bytes of it."""
         fd = self._proc.stdout.fileno()
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ)
             while b"\n" not in self._buffer:
-                if len(self._buffer) > _MAX_LINE:
-                    self._stop()
-                    raise ProtocolError(f"response line longer than {_MAX_LINE} bytes")
+                if len(self._buffer) > _MAX_LINE:  # limit + 1 bytes and no newline yet
+                    raise self._too_long(qid, fd, deadline)
                 wait = None if deadline is None else deadline - time.monotonic()
                 if wait is not None and wait <= 0:
                     raise TimeoutError
                 if not sel.select(wait):
                     continue
-                chunk = os.read(fd, 65536)
+                # read no further than one byte past the limit: enough to tell a line of exactly
+                # the limit (its newline comes next) from a longer one
+                chunk = os.read(fd, min(65536, _MAX_LINE + 1 - len(self._buffer)))
                 if not chunk:
                     raise EOFError
                 self._buffer += chunk
@@ -246,13 +330,13 @@ class ProcessOracle(Oracle):
         try:
             self._proc.stdin.write(request.encode())
             self._proc.stdin.flush()
-            line = self._read_line(None if limit is None else started + limit)
+            line = self._read_line(qid, None if limit is None else started + limit)
         except TimeoutError:
             self._stop()
             raise TimeoutError(f"{self._name} did not answer query id {qid} within {limit:g} s; "
                                "it was killed and will be restarted") from None
         except (BrokenPipeError, EOFError):
-            raise self._crash(f"exited while answering query id {qid}") from None
+            raise self._crash(qid) from None
         self._fresh = False
         return self._parse(line, qid)
 

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +113,8 @@ def test_no_shell_and_bad_arguments_are_refused():
               "for l in sys.stdin]")
     with ProcessOracle([sys.executable, "-c", script, "; rm -rf /tmp/x &&"], dim=1) as oracle:
         assert oracle([0.0]) == 2.0
-    with ProcessOracle(["/no/such/program"], dim=1) as oracle, pytest.raises(OracleError, match="cannot start"):
-        oracle([0.0])
+    with pytest.raises(ConfigError, match="'/no/such/program' .* does not exist"):  # refused before any query
+        ProcessOracle(["/no/such/program"], dim=1)
 
 
 def _run_on(scheduler):
@@ -160,3 +161,104 @@ def test_vectorized_example_simulator_one_call_per_batch_and_fitted():
     res = spring.fit()
     assert res.nfev <= 300 and np.allclose(np.exp(res.x), spring.TRUE, rtol=0.01)
     assert res.fun < 1.2e-4  # at the observation noise floor (0.01 ** 2)
+
+
+# ---------------------------------------------------------------- exact errors (bad input)
+SIZED = [sys.executable, str(Path(__file__).parent / "programs" / "sized_answer.py")]
+MIB = 1 << 20
+
+
+def test_a_crash_always_reports_the_real_exit_code_and_stderr():
+    """Reading EOF and reaping the process used to race ("exit code None"); 30 crashes in a row."""
+    with ProcessOracle(QUIRKY, dim=2, on_failure="inf") as oracle:
+        out = oracle.evaluate(torch.tensor([[101.0, 0.0]] * 30))
+        assert out.tolist() == [math.inf] * 30 and oracle.starts == 30
+        messages = [f.message for f in oracle.failures]
+    assert len(messages) == 30
+    for m in messages:
+        assert "exited while answering query id" in m and "(exit code 3); its stderr ends with:\n" in m, m
+        assert m.endswith("quirky_sim: crashing on purpose"), m
+
+
+@pytest.mark.parametrize(("script", "message"), [
+    ("pass", r"exited while answering query id 0 \(exit code 0\); it wrote nothing to stderr"),
+    ("import sys; sys.stdin.close(); sys.stderr.write('bye\\n'); sys.exit(7)",
+     r"exited while answering query id 0 \(exit code 7\); its stderr ends with:\nbye$"),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+     r"exited while answering query id 0 \(killed by signal SIGKILL\); it wrote nothing"),
+    ("import os, sys, time; sys.stdin.readline(); os.close(1); time.sleep(60)",
+     (r"closed its stdout while answering query id 0 and was still running 2 s later, so it was killed "
+      r"\(killed by signal SIGKILL\)")),
+])
+def test_a_program_that_exits_or_dies_at_once_is_a_crash_with_its_status(script, message):
+    with ProcessOracle([sys.executable, "-c", script], dim=1, timeout=30) as oracle:
+        with pytest.raises(OracleError, match=message) as err:
+            oracle([0.0])
+        assert isinstance(err.value.__cause__, ProgramCrashError)
+        assert oracle.nfev == 1 and not oracle.running
+
+
+def test_an_answer_line_of_exactly_one_mib_is_accepted_and_one_byte_more_is_refused():
+    with ProcessOracle(SIZED + [str(MIB)], dim=2, timeout=30) as oracle:
+        assert oracle([1.0, 2.0]) == 5.0 and oracle([3.0, 0.0]) == 9.0 and oracle.starts == 1
+    with ProcessOracle(SIZED + [str(MIB + 1)], dim=2, timeout=30) as oracle:
+        with pytest.raises(OracleError, match=r"answered query id 0 with a line of 1048577 bytes \(starting "
+                                              r"'\{\"id\": 0, \"loss\": 5\.0\} *'\.\.\.\): longer than the "
+                                              r"protocol's limit of 1 MiB = 1048576 bytes per line; the program "
+                                              r"will be restarted") as err:
+            oracle([1.0, 2.0])
+        assert isinstance(err.value.__cause__, ProtocolError) and not oracle.running
+        with pytest.raises(OracleError, match="1048577 bytes"):
+            oracle([1.0, 2.0])
+        assert oracle.starts == 2 and oracle.nfev == 2  # restarted as for other protocol errors
+    with (ProcessOracle(SIZED + ["2000000"], dim=2, timeout=30) as oracle,
+          pytest.raises(OracleError, match=r"a line of 2000000 bytes .*limit of 1 MiB = 1048576 bytes")):
+        oracle([1.0, 2.0])
+
+
+def test_an_endless_answer_line_is_refused_at_the_limit_without_hanging():
+    with ProcessOracle(SIZED + ["endless"], dim=2, timeout=30, on_failure="inf") as oracle:
+        started = time.monotonic()
+        assert oracle.evaluate(torch.tensor([[1.0, 2.0], [0.0, 0.0]])).tolist() == [math.inf, math.inf]
+        assert time.monotonic() - started < 10  # each refusal measures the line for at most 0.5 s
+        assert oracle.starts == 2 and [f.kind for f in oracle.failures] == ["exception", "exception"]
+        assert "with a line of at least" in oracle.failures[0].message
+        assert "limit of 1 MiB = 1048576 bytes" in oracle.failures[0].message
+
+
+def test_a_missing_or_non_executable_program_is_refused_when_the_oracle_is_built(tmp_path):
+    with pytest.raises(ConfigError, match=r"program '/no/such/program' of command \['/no/such/program', '-v'\] "
+                                          "does not exist"):
+        ProcessOracle(["/no/such/program", "-v"], dim=1)
+    with pytest.raises(ConfigError, match="program 'no-such-program-zo' of command .* was not found as an "
+                                          "executable on PATH"):
+        ProcessOracle(["no-such-program-zo"], dim=1)
+    script = tmp_path / "sim.py"
+    script.write_text("print('hi')\n")
+    with pytest.raises(ConfigError, match=f"program '{script}' of command .* is not executable"):
+        ProcessOracle([str(script)], dim=1)
+    with pytest.raises(ConfigError, match=f"program '{tmp_path}' of command .* is a directory"):
+        ProcessOracle([str(tmp_path)], dim=1)
+    with pytest.raises(ConfigError, match=r"program './sim\.py' \(relative to cwd .*\) .* is not executable"):
+        ProcessOracle(["./sim.py"], dim=1, cwd=tmp_path)
+    with pytest.raises(ConfigError, match=r"program 'sim\.py' .* not found as an executable on PATH"):
+        ProcessOracle(["sim.py"], dim=1, env={"PATH": str(tmp_path)})  # the PATH the program would run with
+    script.chmod(0o755)
+    ProcessOracle(["sim.py"], dim=1, env={"PATH": str(tmp_path)})
+    ProcessOracle(["./sim.py"], dim=1, cwd=tmp_path)
+    # a file that exists but cannot be run is reported when it is started, as a failed query
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x00\x01\x02")
+    garbage.chmod(0o755)
+    with ProcessOracle([str(garbage)], dim=1) as oracle, pytest.raises(OracleError, match="cannot start") as err:
+        oracle([0.0])
+    assert isinstance(err.value.__cause__, ProgramCrashError) and str(garbage) in str(err.value)
+
+
+def test_a_program_that_never_answers_times_out():
+    with ProcessOracle([sys.executable, "-c", "import time; time.sleep(60)"], dim=1, timeout=0.3,
+                       startup_timeout=0.3) as oracle:
+        started = time.monotonic()
+        with pytest.raises(OracleError, match=r"did not answer query id 0 within 0\.6 s; it was killed") as err:
+            oracle([0.0])
+        assert time.monotonic() - started < 5 and err.value.kind == "timeout" and not oracle.running
