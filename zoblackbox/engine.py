@@ -101,6 +101,8 @@ class AskTell:
             estimate). Runs driven through an oracle use the oracle's own policy instead.
         evaluate_final: whether the run ends by evaluating the returned point (one query kept for
             it); drivers that train on minibatches switch it off.
+        dtype, device: the computation dtype and device (default: ``x0``'s; drivers pass the
+            oracle's).
 
     Attributes:
         done: whether the run has ended (:meth:`result` is then final).
@@ -228,9 +230,11 @@ class AskTell:
         spent = len(plan) if nfev is None else nfev
         if not _is_int(spent) or spent < len(plan):
             raise ConfigError(f"nfev must be an int >= the {len(plan)} losses told, got {nfev!r}")
-        if self.budget is not None and self.nfev + spent > self.budget:
+        keep = 0 if self.phase == "final" else self.rule.keep  # the query kept for the final evaluation
+        if self.budget is not None and self.nfev + spent + keep > self.budget:
+            kept = f", {keep} kept for the final evaluation" if keep else ""
             raise ConfigError(f"nfev={spent} would take the run past its budget of {self.budget} "
-                              f"({self.nfev} used)")
+                              f"({self.nfev} used{kept})")
         bad = (~torch.isfinite(values)).nonzero().flatten()
         if bad.numel() and self._policy_applies:
             if self.policy.action == "raise":
@@ -710,9 +714,17 @@ def _evaluate(oracle: Oracle, plan: QueryPlan, scheduler) -> torch.Tensor:
 
 def _as_start(x0, dtype, device) -> tuple[torch.Tensor, bool]:
     """``x0`` as a detached 1-D floating tensor and whether asks should be numpy."""
-    from .oracle import _real_tensor
+    from .oracle import _real_tensor, check_overflow
 
     numpy = not isinstance(x0, torch.Tensor)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ConfigError(f"dtype must be a floating-point torch.dtype or None, got {short_repr(dtype)}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"device must be a torch device (or its name) or None, got {short_repr(device)}") \
+                from exc
     t = _real_tensor(x0, "x0 must be a 1-D array")
     if t.dim() != 1:
         raise ConfigError(f"x0 must be 1-D, got shape {tuple(t.shape)}")
@@ -720,7 +732,12 @@ def _as_start(x0, dtype, device) -> tuple[torch.Tensor, bool]:
         raise ConfigError("x0 must have at least one entry, got an empty array")
     if dtype is None:
         dtype = t.dtype if t.is_floating_point() else (torch.float64 if numpy else torch.get_default_dtype())
-    t = t.detach().to(dtype=dtype, device=device).clone()
+    source = t.detach()
+    try:
+        t = source.to(dtype=dtype, device=device).clone()
+    except (RuntimeError, AssertionError) as exc:  # a device this torch build does not have
+        raise ConfigError(f"device={str(device)!r} is not available for x0: {exc}") from exc
+    check_overflow(source, t, "x0")
     if not bool(torch.isfinite(t).all()):
         bad = (~torch.isfinite(t)).nonzero().flatten()[:5].tolist()
         raise ConfigError(f"x0 must be finite; non-finite entries at indices {bad}: {t[bad].tolist()}")
