@@ -110,3 +110,17 @@ def test_cifar10_resnet20_recipe_runs_on_generated_files(tmp_path):
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["params"] == 269722 and summary["steps"] == 1
     assert 0 < summary["queries"] < 269722 / 20  # sparse: a small fraction of the 269,722 coordinates
+
+
+def test_bad_numbers_devices_and_paths_are_refused_before_training(tmp_path, capsys):
+    """The bad-input contract (tests/test_cli_bad_input.py has the full table): argparse or one line, exit 2."""
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--optimizer", "sgd", "--momentum", "nan", "--out", str(tmp_path / "r")])
+    assert exc.value.code == 2
+    assert "argument --momentum: expected a number in [0, 1), got nan" in capsys.readouterr().err
+    assert main(["train", "--device", "nonsense", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith("zoblackbox: error: --device 'nonsense' is not usable here: ")
+    (tmp_path / "f").write_text("")
+    assert main(["train", "--json", str(tmp_path / "f" / "s.json"), "--out", str(tmp_path / "r")]) == 2
+    assert "--json" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,22 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .cli_args import positive_float, positive_int, probability, radii_list
+from .cli_args import (
+    check_device,
+    check_input_dir,
+    check_input_file,
+    check_output_dir,
+    check_output_file,
+    fail_nonfinite,
+    momentum_float,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    probability,
+    radii_list,
+    seed_int,
+    thread_count,
+)
 from .errors import ConfigError, ZOError
 from .recipes import DEEPZERO_RECIPE, DIGITS_CNN_RECIPE
 from .sparsity import check_sparsity
@@ -29,19 +45,29 @@ def _add_training_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--lr", type=positive_float, default=defaults["lr"], help="peak learning rate")
     p.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"], help="mini-batch size")
     p.add_argument("--mu", type=positive_float, default=defaults["mu"], help="finite-difference step")
-    p.add_argument("--seed", type=int, default=defaults["seed"], help="seed of model init, data order, estimator")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--seed", type=seed_int, default=defaults["seed"],
+                   help="seed of model init, data order, estimator (0 <= seed < 2**63)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device (cpu, cuda, cuda:1, ...); checked before any work")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--threads", type=positive_int, default=defaults.get("threads"),
+    p.add_argument("--threads", type=thread_count, default=defaults.get("threads"),
                    help="torch intra-op threads (default: the demo uses 1 -- its kernels are small, and one thread "
                         "measured 4.8x faster than two on a 2-core machine with another busy process; train "
                         "uses torch's default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zoblackbox", description="Zeroth-order optimization of black boxes.")
+    parser = argparse.ArgumentParser(
+        prog="zoblackbox", description="Zeroth-order optimization of black boxes.",
+        epilog="Exit codes: 0 success; 1 the run failed (non-finite final metrics, minimize did not converge, or an "
+               "unexpected internal error such as running out of memory); 2 bad input or an error (one line "
+               "'zoblackbox: error: ...' on stderr); 130 interrupted. "
+               "Give --debug (or set ZOBLACKBOX_DEBUG=1) to see the Python traceback of an error.")
     parser.add_argument("--version", action="version", version=f"zoblackbox {__version__}")
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="show the full Python traceback of an error instead of one line (also: environment "
+                             "variable ZOBLACKBOX_DEBUG=1); accepted after the sub-command too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="ZO (CGE) training of a small CNN on the bundled digits, vs first-order")
@@ -69,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--antithetic", action="store_true", help="RGE antithetic pairs")
     train.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "signsgd"], default=None,
                        help="update rule (default adam)")
-    train.add_argument("--momentum", type=float, default=None, help="SGD momentum")
-    train.add_argument("--weight-decay", type=float, default=None)
+    train.add_argument("--momentum", type=momentum_float, default=None, help="SGD momentum, in [0, 1)")
+    train.add_argument("--weight-decay", type=non_negative_float, default=None, help="weight decay (>= 0)")
     train.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
-    train.add_argument("--warmup-epochs", type=float, default=None, help="linear LR warm-up length in epochs")
+    train.add_argument("--warmup-epochs", type=non_negative_float, default=None,
+                       help="linear LR warm-up length in epochs (>= 0)")
     train.add_argument("--budget", type=positive_int, default=None, help="maximum ZO queries")
     train.add_argument("--bn-policy", choices=["batch", "eval"], default="batch")
     train.add_argument("--sparsity", type=float, default=None,
@@ -100,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_pde(sub)  # zoblackbox pde: its parser sets args.handler
     register_minimize(sub)  # zoblackbox minimize --program: an external program through the engine
+    for p in sub.choices.values():  # --debug also after the sub-command; SUPPRESS keeps the top-level value
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     return parser
 
 
@@ -248,7 +277,13 @@ def cmd_demo(args) -> int:
                "split": zo["split"], "lr": args.lr, "batch_size": args.batch_size, "mu": args.mu, "seed": args.seed,
                "scheduler": args.scheduler}
     _write_json(args.json, summary)
-    return 0
+    metrics = {"ZO test_loss": zo.get("test_loss"), "ZO test_acc": zo["test_acc"]}
+    if fo is not None:
+        metrics.update({"first-order test_loss": fo.get("test_loss"), "first-order test_acc": fo["test_acc"]})
+    return fail_nonfinite(metrics, TRAINING_CAUSE)
+
+
+TRAINING_CAUSE = "the learning rate (--lr) is likely too large for this model, or --mu too small"
 
 
 def cmd_train(args) -> int:
@@ -269,7 +304,10 @@ def cmd_train(args) -> int:
           f"wall {time.perf_counter() - t0:.1f}s  ({result['stop_reason']}); metrics in {args.out / 'metrics.jsonl'}")
     summary = {k: v for k, v in result.items() if k != "history"}
     _write_json(args.json, summary)
-    return 0
+    cause = "the learning rate (--lr) is likely too large for this model"
+    cause += (", or --mu too small" if args.method == "zo" else "") + (
+        ", or --momentum too close to 1" if args.momentum else "")
+    return fail_nonfinite({"test_loss": result.get("test_loss"), "test_acc": result.get("test_acc")}, cause)
 
 
 CERTIFY_RADII = "0,0.25,0.5,0.75"
@@ -295,8 +333,9 @@ def _add_certify_parser(sub) -> None:
     p.add_argument("--noise-batch", type=positive_int, default=1000, help="noisy copies per classifier call")
     p.add_argument("--epochs-factor", type=positive_float, default=1.0,
                    help="multiply every training stage's epochs (e.g. 0.1 for a quick look)")
-    p.add_argument("--seed", type=int, default=0, help="seed of models, training noise, subset and certification")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of models, training noise, subset and certification (0 <= seed < 2**63)")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
 
 
@@ -363,16 +402,63 @@ def _write_json(path: Path | None, data: dict) -> None:
     print(f"summary written to {path}")
 
 
+def preflight(args) -> None:
+    """Check the device and every input and output path of ``args`` before any work (ConfigError if bad)."""
+    if args.command == "train":
+        resolve_train_args(args)
+        check_input_dir("--data", args.data)
+        if args.ratios not in (None, "zo-grasp", "uniform"):
+            check_input_file("--ratios", Path(args.ratios))
+    if args.command in ("demo", "train"):
+        check_output_dir("--out", args.out)
+    if args.command == "minimize":
+        check_input_file("--x0-file", args.x0_file)
+        check_output_dir("--checkpoint", args.checkpoint)
+        check_output_file("--log", args.log)
+    check_output_file("--json", getattr(args, "json", None))
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or repr(exc)
+    return text if isinstance(exc, ZOError) else f"{type(exc).__name__}: {text}"
+
+
+def debug_requested(args=None) -> bool:
+    """``--debug`` given, or ``ZOBLACKBOX_DEBUG`` set to anything but empty/0/false/no."""
+    env = os.environ.get("ZOBLACKBOX_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    return env or bool(getattr(args, "debug", False))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit code (0 ok, 1 run failed, 2 bad input / error, 130 interrupted).
+
+    Argument errors exit 2 through argparse (``SystemExit``). Any other error prints one line
+    ``zoblackbox: error: ...`` on stderr, or its traceback under ``--debug`` / ``ZOBLACKBOX_DEBUG=1``.
+    """
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    debug = debug_requested(args)
     try:
+        preflight(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         return (getattr(args, "handler", None)
                 or {"demo": cmd_demo, "train": cmd_train, "certify": cmd_certify}[args.command])(args)
-    except ZOError as exc:
-        print(f"zoblackbox: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("zoblackbox: interrupted", file=sys.stderr)
+        return 130
+    except (ZOError, ValueError, TypeError, OSError) as exc:
+        if debug:
+            raise
+        print(f"zoblackbox: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"zoblackbox: error: unexpected {_one_line(exc)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

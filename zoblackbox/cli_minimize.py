@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
 
-from .cli_args import positive_float, positive_int
+from .cli_args import bound_float, fail_nonfinite, finite_float, positive_float, positive_int, seed_int, thread_count
 from .errors import ConfigError
 
 __all__ = ["cmd_minimize", "register"]
@@ -35,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("--dim", type=positive_int, required=True, help="length of the parameter vector")
     p.add_argument("--budget", type=positive_int, default=None, help="most queries of the program")
     p.add_argument("--maxiter", type=positive_int, default=None, help="most iterations")
-    p.add_argument("--x0", type=float, nargs="+", default=None, metavar="X",
+    p.add_argument("--x0", type=finite_float, nargs="+", default=None, metavar="X",
                    help="starting point (dim numbers; default all zeros)")
     p.add_argument("--x0-file", type=Path, default=None, metavar="PATH", help="starting point as a JSON list")
     p.add_argument("--estimator", choices=ESTIMATORS, default="auto", help="gradient estimator")
@@ -43,8 +44,8 @@ def register(sub) -> None:
     p.add_argument("--q", type=positive_int, default=20, help="RGE directions per estimate")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="update rule")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 1e-2; 1 for lbfgs)")
-    p.add_argument("--bounds", type=float, nargs=2, default=None, metavar=("LOWER", "UPPER"),
-                   help="box for every coordinate")
+    p.add_argument("--bounds", type=bound_float, nargs=2, default=None, metavar=("LOWER", "UPPER"),
+                   help="box for every coordinate (LOWER < UPPER; -inf/inf allowed)")
     p.add_argument("--workers", type=positive_int, default=1, help="copies of the program evaluating in parallel")
     p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds one query may take")
     p.add_argument("--on-failure", choices=("raise", "inf", "skip", "retry"), default="raise",
@@ -54,9 +55,9 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, default=1, help="iterations between checkpoints")
     p.add_argument("--log", type=Path, default=None, metavar="PATH", help="one JSON line per iteration")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the result as JSON")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the random directions (0 <= seed < 2**63)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=thread_count, default=None, help="torch intra-op threads")
     p.set_defaults(handler=cmd_minimize)
 
 
@@ -72,9 +73,16 @@ def _x0(args) -> list[float]:
         x0 = args.x0
     else:
         return [0.0] * args.dim
-    if not isinstance(x0, list) or len(x0) != args.dim or not all(isinstance(v, (int, float)) for v in x0):
+    if not isinstance(x0, list) or len(x0) != args.dim or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in x0):
         raise ConfigError(f"the starting point must be {args.dim} numbers (--dim), got {str(x0)[:80]}")
-    return [float(v) for v in x0]
+    try:
+        values = [float(v) for v in x0]
+    except OverflowError:
+        values = [math.inf]
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"the starting point must be finite numbers, got {str(x0)[:80]}")
+    return values
 
 
 def _estimator(args):
@@ -105,11 +113,14 @@ def cmd_minimize(args) -> int:
         raise ConfigError("--program is empty")
     if args.budget is None and args.maxiter is None:
         raise ConfigError("give --budget (queries) or --maxiter (iterations), or both")
+    if args.bounds is not None and not args.bounds[0] < args.bounds[1]:
+        raise ConfigError(f"--bounds needs LOWER < UPPER, got {args.bounds[0]} {args.bounds[1]}")
     x0 = np.asarray(_x0(args), dtype=np.float64)
+    estimator = _estimator(args)  # its errors come before the program starts
     oracle = ProcessOracle(command, args.dim, timeout=args.timeout, on_failure=args.on_failure)
     scheduler = ProcessPoolScheduler(args.workers, timeout=args.timeout) if args.workers > 1 else None
     try:
-        res = minimize(oracle, x0, estimator=_estimator(args), optimizer=args.optimizer, lr=args.lr,
+        res = minimize(oracle, x0, estimator=estimator, optimizer=args.optimizer, lr=args.lr,
                        budget=args.budget, maxiter=args.maxiter, scheduler=scheduler, seed=args.seed,
                        bounds=None if args.bounds is None else tuple(args.bounds), progress=not args.no_progress,
                        log=args.log, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every)
@@ -125,6 +136,9 @@ def cmd_minimize(args) -> int:
         args.json.write_text(json.dumps({"x": res.x.tolist(), "fun": res.fun, "nfev": res.nfev, "nit": res.nit,
                                          "success": res.success, "message": res.message,
                                          "failures": res.failures}, indent=2))
+    if fail_nonfinite({"fun": res.fun}, "the program returned non-finite losses (see --on-failure) or the steps "
+                      "diverged (try a smaller --lr)"):
+        return 1
     return 0 if res.success else 1
 
 

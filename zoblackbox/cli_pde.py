@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .cli_args import non_negative_int, positive_float, positive_int
+from .cli_args import fail_nonfinite, non_negative_int, positive_float, positive_int, seed_int, thread_count
 from .errors import ConfigError
 from .recipes import RECIPES, Recipe
 
@@ -165,8 +165,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scenario", choices=SCENARIOS, default="burgers1d")
     p.add_argument("--method", nargs="+", choices=METHODS, default=["zo-sol"],
                    help="methods to run (fo-sol/zo-sol/rge-sol start from NON's parameters unless --warm-start none)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the network and the minibatches")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated simulations")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the network and the minibatches (0 <= seed < 2**63)")
+    p.add_argument("--data-seed", type=seed_int, default=0,
+                   help="seed of the generated simulations (0 <= seed < 2**63)")
     p.add_argument("--n-train", type=positive_int, default=None, help="training simulations (burgers 10, wake 4)")
     p.add_argument("--n-test", type=positive_int, default=None, help="test simulations (burgers 5, wake 2)")
     p.add_argument("--sim-steps", type=positive_int, default=None, help="recorded steps per simulation (200)")
@@ -183,7 +185,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scheme", choices=["forward", "central"], default=None, help="CGE differences")
     p.add_argument("--q", type=positive_int, default=None, help="RGE directions per step (default: the dimension)")
     p.add_argument("--warm-start", choices=["non", "none"], default=None)
-    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(handler=cmd_pde)
     return p
@@ -221,4 +223,5 @@ def cmd_pde(args) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"results written to {args.json}")
-    return 0
+    return fail_nonfinite({f"{name} test MAE": r["mae"] for name, r in results.items()},
+                          "the learning rate (--lr, --rge-lr) is likely too large, or --mu too small for the solver")
