@@ -54,7 +54,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from zoblackbox.errors import BudgetExhaustedError, ConfigError, MissingDependencyError
+from zoblackbox.checkpoint import field_error
+from zoblackbox.errors import BudgetExhaustedError, CheckpointError, ConfigError, MissingDependencyError
 from zoblackbox.oracle import Oracle, as_vector
 
 __all__ = [
@@ -373,11 +374,34 @@ class ObsNormalizer:
     def state_dict(self) -> dict:
         return {"count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist()}
 
-    def load_state_dict(self, state: Mapping) -> None:
-        mean, m2 = np.asarray(state["mean"], dtype=np.float64), np.asarray(state["m2"], dtype=np.float64)
-        if mean.shape != (self.dim,) or m2.shape != (self.dim,):
-            raise ConfigError(f"observation statistics of shape {mean.shape} for an observation of dim {self.dim}")
-        self.count, self.mean, self.m2 = int(state["count"]), mean, m2
+    def load_state_dict(self, state: Mapping, field: str = "obs_stats") -> None:
+        """Load :meth:`state_dict` (checked first: :meth:`check_state_dict`)."""
+        self.count, self.mean, self.m2 = self.check_state_dict(state, field)
+
+    def check_state_dict(self, state: Mapping, field: str = "obs_stats") -> tuple[int, np.ndarray, np.ndarray]:
+        """``(count, mean, m2)`` of a :meth:`state_dict`: ``count`` an int >= 0, ``mean`` and ``m2`` finite
+        vectors of this observation's dim, ``m2 >= 0``; a CheckpointError names the field. Changes nothing."""
+        if not isinstance(state, Mapping):
+            raise field_error(field, state, "a dict with count, mean and m2")
+        for key in ("count", "mean", "m2"):
+            if key not in state:
+                raise CheckpointError(f"field {field}.{key} is missing")
+        count = state["count"]
+        if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)) or count < 0:
+            raise field_error(f"{field}.count", count, "an int >= 0")
+        out = []
+        for key in ("mean", "m2"):
+            value = state[key]
+            try:
+                arr = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError):
+                arr = None
+            if isinstance(value, (str, bytes)) or arr is None or arr.shape != (self.dim,) or not np.all(np.isfinite(arr)):
+                raise field_error(f"{field}.{key}", value, f"{self.dim} finite floats (the observation's dim)")
+            if key == "m2" and np.any(arr < 0):
+                raise field_error(f"{field}.m2", value, "sums of squares >= 0")
+            out.append(arr)
+        return int(count), out[0], out[1]
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -817,20 +841,50 @@ class GymPolicyOracle(Oracle):
         return state
 
     def load_state_dict(self, state: Mapping) -> None:
-        for key, mine in (("env_id", self.env_id), ("episodes_per_query", self.k), ("obs_norm", self.obs_norm)):
-            if key in state and state[key] != mine:
-                raise ConfigError(f"state has {key}={state[key]!r}, this oracle {mine!r}")
+        """Load :meth:`state_dict`: every field is checked (types, ranges, this oracle's env, episodes per
+        query, observation dim and budgets) before anything changes; a failure is a CheckpointError
+        naming the field."""
+        checked = self._check_gym_state(state)
         super().load_state_dict(state)
-        self.seed = int(state["seed"])
-        self._batch, self._used = int(state["batch"]), bool(state["batch_used"])
-        self._extra_episodes, self._env_steps = int(state["extra_episodes"]), int(state["env_steps"])
-        self._vector_steps = int(state.get("vector_steps", 0))
-        self._eval_episodes = int(state.get("eval_episodes", 0))
-        self._eval_env_steps = int(state.get("eval_env_steps", 0))
+        for attr, value in checked["counters"].items():
+            setattr(self, attr, value)
         self.obs_stats.load_state_dict(state["obs_stats"])
         self._pending_stats = ObsNormalizer(self.actor.obs_dim)
-        if "pending_obs_stats" in state:
-            self._pending_stats.load_state_dict(state["pending_obs_stats"])
+        self._pending_stats.load_state_dict(state["pending_obs_stats"], "pending_obs_stats")
+
+    def _check_gym_state(self, state: Mapping) -> dict:
+        """Check a :meth:`state_dict` against this oracle (see :meth:`load_state_dict`); changes nothing."""
+        if not isinstance(state, Mapping):
+            raise field_error("oracle", state, "a dict")
+        for key in ("env_id", "seed", "episodes_per_query", "batch", "batch_used", "extra_episodes", "env_steps",
+                    "vector_steps", "eval_episodes", "eval_env_steps", "obs_norm", "obs_stats", "pending_obs_stats"):
+            if key not in state:
+                raise CheckpointError(f"field {key} is missing; a GymPolicyOracle state has it")
+        for key, mine in (("env_id", self.env_id), ("episodes_per_query", self.k), ("obs_norm", self.obs_norm)):
+            value = state[key]
+            if type(value) is not type(mine) or value != mine:
+                raise field_error(key, value, f"this oracle's {mine!r}")
+        Oracle.check_state_dict(self, state)
+        counters = {}
+        for key, attr in (("seed", "seed"), ("batch", "_batch"), ("extra_episodes", "_extra_episodes"),
+                          ("env_steps", "_env_steps"), ("vector_steps", "_vector_steps"),
+                          ("eval_episodes", "_eval_episodes"), ("eval_env_steps", "_eval_env_steps")):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise field_error(key, value, "an int >= 0")
+            counters[attr] = value
+        if not isinstance(state["batch_used"], bool):
+            raise field_error("batch_used", state["batch_used"], "a bool")
+        counters["_used"] = state["batch_used"]
+        episodes = self.k * state["nfev"] + counters["_extra_episodes"]
+        if self.max_episodes is not None and episodes > self.max_episodes:
+            raise CheckpointError(f"field nfev is {state['nfev']} with extra_episodes={counters['_extra_episodes']}: "
+                                  f"{episodes} training episodes, more than max_episodes={self.max_episodes}")
+        if self.max_env_steps is not None and counters["_env_steps"] > self.max_env_steps:
+            raise field_error("env_steps", counters["_env_steps"], f"an int <= max_env_steps={self.max_env_steps}")
+        self.obs_stats.check_state_dict(state["obs_stats"], "obs_stats")
+        self._pending_stats.check_state_dict(state["pending_obs_stats"], "pending_obs_stats")
+        return {"counters": counters}
 
     def __getstate__(self):
         """Pickled as the next batch will run: environments and lock left out, the seed position and

@@ -21,7 +21,10 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +131,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict, 
 
     Raises:
         CheckpointError: missing files, a foreign or newer format, a checksum mismatch (corrupt
-            or tampered file), or a payload holding anything but tensors and plain containers.
+            or tampered file), a payload that is empty, truncated or not a ``torch.save`` file ("is
+            corrupt or not a zoblackbox checkpoint"), or a payload holding anything but tensors and
+            plain containers ("refusing to load ...: it holds objects other than tensors").
     """
     path = Path(path)
     if path.is_dir():
@@ -154,10 +159,100 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict, 
     digest = hashlib.sha256(payload).hexdigest()
     if digest != meta.get("sha256"):
         raise CheckpointError(f"{pt} is corrupt: SHA-256 {digest} does not match the recorded {meta.get('sha256')}")
+    if not payload:
+        raise CheckpointError(f"{pt} is corrupt or not a zoblackbox checkpoint: the file is empty")
     try:
-        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
-        raise CheckpointError(f"refusing to load {pt}: it holds objects other than tensors and plain containers ({exc})") from exc
-    except Exception as exc:  # any other failure of the unpickler on a payload it cannot read
-        raise CheckpointError(f"{pt} is not a readable checkpoint payload: {type(exc).__name__}: {exc}") from exc
+        with warnings.catch_warnings():  # a foreign pickle's protocol is reported below, not as a torch warning
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as exc:  # the unpickler fails in many ways on a payload it cannot read
+        holds_objects, reason = _diagnose(payload)
+        if holds_objects and isinstance(exc, pickle.UnpicklingError):  # the weights-only unpickler's refusal
+            raise CheckpointError(f"refusing to load {pt}: it holds objects other than tensors and plain containers "
+                                  f"({type(exc).__name__}: {_short(exc)})") from exc
+        raise CheckpointError(f"{pt} is corrupt or not a zoblackbox checkpoint: {reason} "
+                              f"({type(exc).__name__}: {_short(exc)})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{pt} is corrupt or not a zoblackbox checkpoint: its payload is a "
+                              f"{type(state).__name__}, a zoblackbox checkpoint holds a dict")
     return state, meta
+
+
+#: pickle opcodes that build or call Python objects (a weights-only load refuses those it does not know)
+_OBJECT_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "BUILD", "NEWOBJ", "NEWOBJ_EX",
+                             "EXT1", "EXT2", "EXT4"})
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _diagnose(payload: bytes) -> tuple[bool, str]:
+    """Why ``torch.load(weights_only=True)`` could not read ``payload``, without running it:
+    ``(True, ...)`` for a well-formed pickle that references Python objects (the unsafe kind),
+    ``(False, reason)`` for anything else (truncated, random bytes, another file format)."""
+    data = payload
+    if payload[:4] == b"PK\x03\x04":  # torch.save's zip format
+        try:
+            with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+                names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+                if not names:
+                    return False, "a zip archive without the data.pkl of a torch.save file"
+                data = archive.read(names[0])
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, RuntimeError) as exc:
+            return False, f"a damaged or truncated zip archive ({exc})"
+    try:
+        ops = {op.name for op, _, _ in pickletools.genops(data)}
+    except Exception as exc:  # noqa: BLE001 - not a well-formed pickle stream
+        return False, f"not a well-formed torch.save payload ({type(exc).__name__}: {exc})"
+    if ops & _OBJECT_OPCODES:
+        return True, ""
+    return False, "a pickle that is not a torch.save payload"
+
+
+# ------------------------------------------------------------------------------------------ state checks
+# Helpers of the ``load_state_dict`` methods: every field of a loaded state is checked against what a run
+# could have written, before anything is applied; a failure is a CheckpointError naming the field.
+def describe_value(value) -> str:
+    """A short description of a state field's value for an error message."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 80 else f"a {type(value).__name__} ({text[:60]}...)"
+
+
+def field_error(field: str, value, expected: str) -> CheckpointError:
+    """``field <field> is <value>, not <expected>``."""
+    return CheckpointError(f"field {field} is {describe_value(value)}, not {expected}")
+
+
+def field_of(state, key: str, field: str):
+    """``state[key]``; a CheckpointError naming ``field`` when the state is not a dict or lacks it."""
+    if not isinstance(state, dict):
+        raise field_error(field.rpartition(".")[0] or "state", state, "a dict")
+    if key not in state:
+        raise CheckpointError(f"field {field} is missing")
+    return state[key]
+
+
+def check_int(value, field: str, low: int = 0, high: int | None = None, what: str = "") -> int:
+    """An int (not a bool) in ``low..high``."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        expected = f"an int >= {low}" if high is None else f"an int >= {low} and <= {high}"
+        raise field_error(field, value, expected + (f" ({what})" if what else ""))
+    return value
+
+
+def check_rng_state(value, field: str, reference: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A random generator's state: a uint8 tensor of the size ``reference`` (a state of this generator) has,
+    that a scratch generator on ``device`` accepts (nothing is set on the generator it is for)."""
+    if not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.shape == reference.shape):
+        raise field_error(field, value, f"a uint8 tensor of shape {tuple(reference.shape)} (a random generator's "
+                                        "state)")
+    try:
+        torch.Generator(device=device).set_state(value)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"field {field} is not a random generator's state: {exc}") from exc
+    return value

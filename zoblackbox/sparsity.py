@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import check_rng_state, field_of
 from .errors import ConfigError
 from .estimators import RandomEstimator
 from .oracle import Oracle, as_vector
@@ -275,7 +276,13 @@ class CoordinateSampler:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state) -> None:
-        self.generator.set_state(state["generator"])
+        """Load :meth:`state_dict`; checked first (CheckpointError naming ``sampler.generator``)."""
+        self.generator.set_state(self.check_state_dict(state))
+
+    def check_state_dict(self, state) -> torch.Tensor:
+        """The generator state of a :meth:`state_dict`, checked against this sampler's; changes nothing."""
+        value = field_of(state, "generator", "sampler.generator")
+        return check_rng_state(value, "sampler.generator", self.generator.get_state(), self.generator.device)
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import check_int, check_rng_state, field_error
 from .engine import AskTell
 from .errors import CheckpointError, ConfigError, OracleError
 from .estimators import CoordinateEstimator, Estimator
@@ -285,8 +286,8 @@ class Trainer:
                 except OracleError as exc:
                     self._emit("on_step_error", exc)
                     raise
-                if loss is None:  # the engine stopped: the next step would overrun the query budget
-                    stop_reason = f"query budget reached ({self.queries} of {self.budget})"
+                if loss is None:  # the engine stopped: the query budget, or a step that failed
+                    stop_reason = self._engine_stop_reason()
                     break
                 self._epoch_losses.append(loss)
                 self._batch_in_epoch += 1
@@ -299,6 +300,7 @@ class Trainer:
             self._emit("on_epoch_end", record)
         last = self.history[-1] if self.history else {}
         train_loss = last.get("train_loss")
+        diverged = stop_reason != "completed" and not self.engine.success
         summary = ZOResult(
             test_acc=last.get("test_acc"), test_loss=last.get("test_loss"), train_acc=last.get("train_acc"),
             queries=self.queries, steps=self.global_step, epochs=self.epoch, wall_s=self.elapsed,
@@ -306,10 +308,27 @@ class Trainer:
             failures=self.zo.oracle.failure_report() if self.zo is not None else None,
             # the library's one result type: the same run under scipy's names (the parameters are the model's)
             fun=math.nan if train_loss is None else train_loss, nfev=self.queries, nit=self.global_step,
-            message=stop_reason, success=train_loss is not None and math.isfinite(train_loss), wall_time=self.elapsed,
+            message=stop_reason, success=not diverged and train_loss is not None and math.isfinite(train_loss),
+            wall_time=self.elapsed,
         )
         self._emit("on_fit_end", summary)
         return summary
+
+    def _engine_stop_reason(self) -> str:
+        """Why the engine ended the run: the query budget (a clean stop), or the message of the step
+        that failed (e.g. the parameters became non-finite), logged as an error."""
+        eng = self.engine
+        if eng.success:
+            return f"query budget reached ({self.queries} of {self.budget})"
+        lr = self.optimizer.param_groups[0].get("lr")
+        if "non-finite" in eng.message:
+            reason = (f"training diverged after step {self.global_step}: step {self.global_step + 1} made the "
+                      f"parameters non-finite and was undone; the step size (lr={lr!r}) is the likely cause, lower "
+                      f"lr [engine: {eng.message}]")
+        else:
+            reason = f"training stopped after step {self.global_step}: {eng.message} (lr={lr!r})"
+        logger.error("%s", reason)
+        return reason
 
     def _emit(self, hook: str, *args) -> None:
         for fn in self._hooks[hook]:
@@ -408,39 +427,130 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict):
-            raise CheckpointError(f"a Trainer state must be a dict, got {type(state).__name__}")
-        batch_in_epoch = state.get("batch_in_epoch", 0)
-        if isinstance(batch_in_epoch, bool) or not isinstance(batch_in_epoch, int) or not (
-                0 <= batch_in_epoch <= self.steps_per_epoch):
-            raise CheckpointError(f"the checkpoint was taken after batch {batch_in_epoch!r} of an epoch, but this "
-                                  f"train_loader has {self.steps_per_epoch} batches per epoch")
-        for key in ("epoch", "global_step"):
-            value = state.get(key)
-            if key in state and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise CheckpointError(f"the checkpoint's {key} is {value!r}, not an int >= 0")
+        """Load :meth:`state_dict`. Every field is checked against what this trainer's run could have
+        written (types, ranges, sizes, and the counters against each other) before anything changes;
+        a failure is a :class:`~zoblackbox.errors.CheckpointError` naming the field."""
+        checked = self._check_state(state)
+        # the engine checks its own state and is left as it was when that fails; nothing else is set yet
         try:
-            self.engine.load_state_dict(state["engine"])  # checked against this trainer's run first
-            self.model.load_state_dict(state["model"])
-            torch.set_rng_state(state["torch_rng"])
-            self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
-            self._wall_offset = float(state["wall_offset"])
-            self.history = json.loads(state["history"])
-            self._batch_in_epoch = batch_in_epoch
-            self._epoch_losses = [float(v) for v in state.get("epoch_losses", [])]
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint does not match this trainer/model: {exc}") from exc
+            self.engine.load_state_dict(state["engine"])
+        except CheckpointError as exc:
+            raise CheckpointError(f"field engine: {exc}") from exc
+        self.model.load_state_dict(state["model"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self._wall_offset = float(state["wall_offset"])
+        self.history = checked["history"]
+        self._batch_in_epoch = state["batch_in_epoch"]
+        self._epoch_losses = [float(v) for v in state["epoch_losses"]]
         generator = self._loader_generator()
-        if "loader_rng" in state and generator is not None:
+        if generator is not None:
             generator.set_state(state["loader_rng"])
             self._epoch_loader_rng = state["loader_rng"] if self._batch_in_epoch else None
-        for part in self.parts:
-            key = getattr(part, "state_key", None)
-            if key is not None and key in state:
-                part.load_state_dict(state[key])
-        if self.zo is not None and "oracle" in state:
+        if self.mask is not None:
+            self.mask.load_state_dict(state[self.mask.state_key])
+        if self.zo is not None:
             self.zo.oracle.load_state_dict(state["oracle"])
+        for part in self.parts:  # the user's parts (they check their own states)
+            key = getattr(part, "state_key", None)
+            if key is not None and part is not self.mask and key in state:
+                part.load_state_dict(state[key])
         self._emit("on_load")
+
+    def _check_state(self, state) -> dict:
+        """Check every field of a Trainer state; returns the decoded ones. Changes nothing."""
+        if not isinstance(state, dict):
+            raise CheckpointError(f"a Trainer state must be a dict, got {type(state).__name__}")
+        required = ["model", "engine", "torch_rng", "epoch", "global_step", "wall_offset", "history",
+                    "batch_in_epoch", "epoch_losses"]
+        generator = self._loader_generator()
+        if generator is not None:
+            required.append("loader_rng")
+        if self.mask is not None:
+            required.append(self.mask.state_key)
+        if self.zo is not None:
+            required.append("oracle")
+        for key in required:
+            if key not in state:
+                raise CheckpointError(f"field {key} is missing; a state of this trainer has "
+                                      f"{', '.join(required)}")
+        spe = self.steps_per_epoch
+        batch_in_epoch = state["batch_in_epoch"]
+        if isinstance(batch_in_epoch, bool) or not isinstance(batch_in_epoch, int) or not 0 <= batch_in_epoch <= spe:
+            raise CheckpointError(f"field batch_in_epoch: the checkpoint was taken after batch {batch_in_epoch!r} of "
+                                  f"an epoch, but this train_loader has {spe} batches per epoch")
+        for key in ("epoch", "global_step"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise field_error(key, value, "an int >= 0")
+        epoch, global_step = state["epoch"], state["global_step"]
+        check_int(epoch, "epoch", 0, self.epochs, f"this run has {self.epochs} epochs")
+        if epoch == self.epochs and batch_in_epoch:
+            raise CheckpointError(f"field epoch is {epoch} with batch_in_epoch={batch_in_epoch}: a run of "
+                                  f"{self.epochs} epochs trains no batch after its last epoch")
+        if global_step != epoch * spe + batch_in_epoch:
+            raise field_error("global_step", global_step, f"epoch * steps_per_epoch + batch_in_epoch = {epoch} * "
+                                                          f"{spe} + {batch_in_epoch} (the steps a run has taken then)")
+        wall = state["wall_offset"]
+        if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not (math.isfinite(wall) and wall >= 0):
+            raise field_error("wall_offset", wall, "a finite number of seconds >= 0")
+        history = state["history"]
+        if not isinstance(history, str):
+            raise field_error("history", history, "a JSON string of the epoch records")
+        try:
+            history = json.loads(history)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"field history is not JSON: {exc}") from exc
+        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+            raise field_error("history", history, "a list of epoch records (dicts)")
+        losses = state["epoch_losses"]
+        if not isinstance(losses, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in losses):
+            raise field_error("epoch_losses", losses, "a list of floats (the losses of the epoch's steps so far)")
+        if len(losses) != batch_in_epoch:
+            raise field_error("epoch_losses", losses, f"a list of {batch_in_epoch} losses (one per batch of the "
+                                                      "epoch so far)")
+        check_rng_state(state["torch_rng"], "torch_rng", torch.get_rng_state())
+        if generator is not None:
+            check_rng_state(state["loader_rng"], "loader_rng", generator.get_state(), generator.device)
+        self._check_model_state(state["model"])
+        engine_state = state["engine"]
+        boundary = engine_state.get("boundary") if isinstance(engine_state, dict) else None
+        if not isinstance(boundary, dict):
+            raise field_error("engine", engine_state, "an AskTell state (a dict with a 'boundary')")
+        iterations = boundary.get("iterations")
+        if iterations != global_step or isinstance(iterations, bool):
+            raise field_error("engine.boundary.iterations", iterations, f"global_step ({global_step}): one engine "
+                                                                        "iteration per training step")
+        if self.mask is not None:
+            self.mask.check_state_dict(state[self.mask.state_key])
+        if self.zo is not None:
+            oracle = state["oracle"]
+            nfev, _ = self.zo.oracle.check_state_dict(oracle)
+            check_int(nfev, "oracle.nfev", 0, self.budget, "the run's budget" if self.budget is not None else "")
+            told = engine_state.get("told_nfev")
+            engine_nfev = boundary.get("nfev")
+            counted = isinstance(engine_nfev, int) and not isinstance(engine_nfev, bool) and engine_nfev >= 0 and (
+                self.budget is None or engine_nfev <= self.budget) and isinstance(told, list) and all(
+                isinstance(n, int) and n >= 1 for n in told)  # else the engine's own check names it
+            if counted and nfev != engine_nfev + sum(told):
+                raise CheckpointError(f"field oracle.nfev is {nfev}, but the engine counted {engine_nfev + sum(told)} "
+                                      "queries (field engine.boundary.nfev): every query of a training run is the "
+                                      "engine's")
+        return {"history": history}
+
+    def _check_model_state(self, model_state) -> None:
+        mine = self.model.state_dict()
+        if not isinstance(model_state, dict):
+            raise field_error("model", model_state, "a dict of tensors (the model's state_dict)")
+        missing, extra = sorted(set(mine) - set(model_state)), sorted(map(str, set(model_state) - set(mine)))
+        if missing or extra:
+            raise CheckpointError(f"field model does not match this model: missing {missing}, unexpected {extra}")
+        for key, ref in mine.items():
+            value = model_state[key]
+            if not isinstance(value, torch.Tensor) or value.shape != ref.shape or value.dtype != ref.dtype:
+                raise field_error(f"model.{key}", value, f"a {str(ref.dtype).replace('torch.', '')} tensor of shape "
+                                                         f"{tuple(ref.shape)}")
 
     def save_checkpoint(self) -> Path:
         if self.checkpoints is None:
@@ -459,7 +569,10 @@ class Trainer:
         if not self.checkpoints.exists():
             return False
         state, meta = self.checkpoints.load(map_location=self.device)
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{self.checkpoints.directory / str(meta.get('file', ''))}: {exc}") from exc
         self._emit("on_resume")
         logger.info("resumed from %s: step %d, epoch %d + %d batches, %d queries spent",
                     meta.get("file", self.checkpoints.directory), self.global_step, self.epoch,

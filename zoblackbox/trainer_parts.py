@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import describe_value, latest_checkpoint, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, ConfigError
 from .params import ParamLayout
 from .sparsity import SparseSchedule
@@ -189,29 +189,43 @@ class MaskRedraw(TrainerPart):
                 "coords": self._coords.cpu() if self._coords is not None else torch.empty(0)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Load :meth:`state_dict`; everything is checked (:meth:`check_state_dict`) before anything changes."""
+        drawn_at, coords, sampler = self.check_state_dict(state)
+        self.schedule.sampler.load_state_dict(sampler)
+        self.drawn_at = drawn_at
+        self.coords = coords.to(self.device) if coords.numel() else None
+
+    def check_state_dict(self, state) -> tuple[int, torch.Tensor, dict]:
+        """``(drawn_at, coords, sampler state)`` of a :meth:`state_dict`, checked against this mask's
+        layout and sampler (CheckpointError naming the field ``sparse.*``); changes nothing."""
         if not isinstance(state, dict):
-            raise CheckpointError(f"the sparse-mask state must be a dict, got {type(state).__name__}")
-        try:
-            drawn_at, coords, sampler = state["drawn_at"], state["coords"], state["sampler"]
-        except KeyError as exc:
-            raise CheckpointError(f"the sparse-mask state lacks {exc}") from None
+            raise CheckpointError(f"field sparse: the sparse-mask state must be a dict, got {type(state).__name__}")
+        for key in ("drawn_at", "coords", "sampler"):
+            if key not in state:
+                raise CheckpointError(f"field sparse.{key} is missing: the sparse-mask state lacks {key!r}")
+        drawn_at, coords, sampler = state["drawn_at"], state["coords"], state["sampler"]
         if isinstance(drawn_at, bool) or not isinstance(drawn_at, int) or drawn_at < -1:
-            raise CheckpointError(f"the sparse mask was drawn at counter {drawn_at!r}: not an int >= -1")
+            raise CheckpointError(f"field sparse.drawn_at: the sparse mask was drawn at counter {drawn_at!r}: "
+                                  "not an int >= -1")
         if not isinstance(coords, torch.Tensor) or coords.dim() != 1 or (
                 coords.numel() and (coords.dtype != torch.long or int(coords.min()) < 0
                                     or int(coords.max()) >= self.layout.dim)):
-            raise CheckpointError(f"the sparse mask's coordinates are not indices into {self.layout.dim} "
-                                  f"parameters: {coords!r}")
+            raise CheckpointError(f"field sparse.coords: the sparse mask's coordinates are not indices into "
+                                  f"{self.layout.dim} parameters: {describe_value(coords)}")
         n_active = self.schedule.sampler.n_active
         if coords.numel() not in (0, n_active):
-            raise CheckpointError(f"the checkpoint's sparse mask has {coords.numel()} coordinates, but this "
-                                  f"sampler draws {n_active}")
+            raise CheckpointError(f"field sparse.coords: the checkpoint's sparse mask has {coords.numel()} "
+                                  f"coordinates, but this sampler draws {n_active}")
+        if coords.numel() and not bool((coords[1:] > coords[:-1]).all()):
+            raise CheckpointError("field sparse.coords: the sparse mask's coordinates are not sorted and distinct, "
+                                  "as a drawn mask's are")
         try:
-            self.schedule.sampler.load_state_dict(sampler)
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"the sparse sampler's state does not load: {exc}") from exc
-        self.drawn_at = drawn_at
-        self.coords = coords.to(self.device) if coords.numel() else None
+            check = getattr(self.schedule.sampler, "check_state_dict", None)
+            if check is not None:
+                check(sampler)
+        except CheckpointError as exc:
+            raise CheckpointError(f"field sparse.sampler: the sparse sampler's state does not load: {exc}") from exc
+        return drawn_at, coords, sampler
 
 
 # ------------------------------------------------------------------------------------------ progress
