@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -393,3 +394,27 @@ def test_a_fresh_run_never_overwrites_an_existing_log(tmp_path):
     with pytest.raises(ConfigError, match="already holds another run's records"):
         minimize(rosen, np.zeros(3), maxiter=2, log=log)
     assert log.read_text() == '{"nit": 1}\n'
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("nit", 50, "nit=50 exceeds"), ("n_failed", 10, "n_failed=10 exceeds"), ("message", 5, "message is 5"),
+    ("success", "no", "success is 'no'"), ("wall", math.nan, "wall is nan"), ("wall", -1.0, "wall is -1.0"),
+    ("history", "[1]", "history is [1]"), ("history", "{", "history is not JSON"),
+    ("has_coords", "yes", "has_coords is 'yes'"), ("coords", "x", "coords are 'x'"),
+    ("freeze", torch.ones(3), "freeze mask"), ("estimator", None, "estimator is None"),
+    ("phase", "done", "phase is 'done'"),
+])
+def test_every_boundary_field_is_checked_before_anything_changes(field, value, words):
+    a = AskTell(np.zeros(3), estimator=CoordinateEstimator(), budget=100)
+    a.tell([_quad(x) for x in a.ask()])
+    state = a.state_dict()
+    b = AskTell(np.zeros(3), estimator=CoordinateEstimator(), budget=100)
+    before = b.ask()
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        b.load_state_dict(dict(state, boundary=dict(state["boundary"], **{field: value})))
+    assert np.array_equal(b.ask(), before) and b.nfev == 0
+    bad_x = dict(state["boundary"]["rule"], x=torch.full((3,), math.nan, dtype=torch.float64))
+    with pytest.raises(CheckpointError, match="not finite"):
+        b.load_state_dict(dict(state, boundary=dict(state["boundary"], rule=bad_x)))
+    with pytest.raises(CheckpointError, match="bounds"):
+        b.load_state_dict(dict(state, bounds=[torch.ones(3), torch.zeros(3)]))

@@ -748,8 +748,19 @@ def _as_losses(losses, n: int) -> torch.Tensor:
     if isinstance(losses, (str, bytes)) or losses is None:
         raise ConfigError(f"tell() takes {n} losses (one per asked row), got {short_repr(losses)}")
     try:
-        t = losses if isinstance(losses, torch.Tensor) else torch.as_tensor(np.asarray(losses, dtype=np.float64))
-    except (TypeError, ValueError) as exc:
+        if isinstance(losses, torch.Tensor):
+            t = losses
+        else:
+            a = np.asarray(losses)
+            if a.dtype.kind not in "fiuO" or (a.dtype.kind == "O" and not all(
+                    isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+                    for v in a.reshape(-1))):  # complex, bool, strings: never cast silently
+                raise ConfigError(f"tell() takes {n} real losses (one per asked row), got {short_repr(losses)} "
+                                  f"(dtype {a.dtype})")
+            t = torch.as_tensor(a.astype(np.float64))
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"tell() takes {n} real losses (one per asked row), got {short_repr(losses)} ({exc})") \
             from exc
     if t.is_complex() or t.dtype == torch.bool:
@@ -846,21 +857,64 @@ def _check_state(state) -> dict:
         raise CheckpointError(f"the AskTell state's config is not JSON: {exc}") from exc
     if not isinstance(state["x0"], torch.Tensor) or state["x0"].dim() != 1:
         raise CheckpointError(f"the AskTell state's x0 is not a 1-D tensor: {short_repr(state['x0'])}")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"the AskTell state's config is {short_repr(config)}; a run writes a JSON object")
+    bounds, n = state["bounds"], state["x0"].shape[0]
+    if not isinstance(bounds, (list, tuple)) or len(bounds) not in (0, 2) or not all(
+            isinstance(b, torch.Tensor) and b.shape == (n,) for b in bounds) or (
+            len(bounds) == 2 and bool((bounds[0] > bounds[1]).any())):
+        raise CheckpointError(f"the AskTell state's bounds are {short_repr(bounds)}; a run writes [] or "
+                              f"[lower, upper] of shape ({n},) with lower <= upper")
     return config
 
 
 def _check_counters(boundary: Mapping, budget: int | None, dim: int) -> None:
-    """Counters a run could have written: non-negative ints, within the budget."""
+    """Every field of a boundary snapshot, against what a run could have written (CheckpointError
+    naming the field; nothing is changed before all of them pass)."""
     for key in ("nfev", "nit", "n_failed", "iterations"):
         v = boundary.get(key)
         if not _is_int(v) or v < 0:
             raise CheckpointError(f"the state's {key} is {v!r}; a run writes a non-negative int")
     if budget is not None and boundary["nfev"] > budget:
         raise CheckpointError(f"the state's nfev={boundary['nfev']} exceeds the run's budget of {budget}")
+    if boundary["nit"] > boundary["iterations"] + 1:  # L-BFGS may count one partial iteration at its end
+        raise CheckpointError(f"the state's nit={boundary['nit']} exceeds its {boundary['iterations']} iterations")
+    if boundary["n_failed"] > boundary["nfev"]:
+        raise CheckpointError(f"the state's n_failed={boundary['n_failed']} exceeds its nfev={boundary['nfev']}")
     if boundary.get("phase") not in ("run", "final"):
         raise CheckpointError(f"the state's phase is {boundary.get('phase')!r}; a run writes 'run' or 'final'")
-    x = boundary.get("rule", {}).get("x") if isinstance(boundary.get("rule"), Mapping) else None
+    if not isinstance(boundary.get("message"), str):
+        raise CheckpointError(f"the state's message is {short_repr(boundary.get('message'))}; a run writes a str")
+    if not isinstance(boundary.get("success"), bool):
+        raise CheckpointError(f"the state's success is {short_repr(boundary.get('success'))}; a run writes a bool")
+    wall = boundary.get("wall")
+    if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not math.isfinite(wall) or wall < 0:
+        raise CheckpointError(f"the state's wall is {wall!r}; a run writes a finite number >= 0")
+    try:
+        history = json.loads(boundary.get("history"))
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"the state's history is not JSON text: {exc}") from exc
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise CheckpointError(f"the state's history is {short_repr(history)}; a run writes a list of records")
+    coords, has_coords = boundary.get("coords"), boundary.get("has_coords")
+    if not isinstance(has_coords, bool):
+        raise CheckpointError(f"the state's has_coords is {has_coords!r}; a run writes a bool")
+    if not isinstance(coords, torch.Tensor) or coords.dim() != 1 or coords.dtype != torch.long or (
+            coords.numel() and (int(coords.min()) < 0 or int(coords.max()) >= dim)) or (
+            not has_coords and coords.numel()):
+        raise CheckpointError(f"the state's coords are {short_repr(coords)}; a run writes a 1-D long tensor of "
+                              f"indices in [0, {dim})")
+    freeze = boundary.get("freeze")
+    if not isinstance(freeze, torch.Tensor) or (freeze.numel() and (freeze.dtype != torch.bool
+                                                                     or freeze.shape != (dim,))):
+        raise CheckpointError(f"the state's freeze mask is {short_repr(freeze)}; a run writes an empty tensor or a "
+                              f"bool tensor of shape ({dim},)")
+    if not isinstance(boundary.get("estimator"), Mapping):
+        raise CheckpointError(f"the state's estimator is {short_repr(boundary.get('estimator'))}; a run writes a dict")
+    rule = boundary.get("rule")
+    x = rule.get("x") if isinstance(rule, Mapping) else None
     if not isinstance(x, torch.Tensor) or x.shape != (dim,):
         raise CheckpointError(f"the state's iterate has shape {tuple(x.shape) if isinstance(x, torch.Tensor) else x!r}, "
                               f"this run's dimension is {dim}")
-
+    if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+        raise CheckpointError(f"the state's iterate is not finite floats ({x.dtype}); a run keeps a finite iterate")
