@@ -57,3 +57,14 @@ def test_gym_policy_with_non_finite_parameters_is_a_failed_query():
     losses = oracle.evaluate(X)
     assert math.isfinite(float(losses[0])) and losses[1] == math.inf and losses[2] == math.inf
     assert [f.kind for f in oracle.failures] == ["nonfinite", "nonfinite"] and oracle.nfev == 3
+
+
+def test_minimize_checks_vectorized_for_oracles_too():
+    from zoblackbox import minimize
+
+    oracle = FunctionOracle(lambda x: float((x ** 2).sum()), 3)
+    with pytest.raises(TypeError, match="vectorized must be a bool, got str: 'False'"):
+        minimize(oracle, np.zeros(3), maxiter=1, vectorized="False")
+    with pytest.raises(ConfigError, match="vectorized=True applies to plain callables"):
+        minimize(oracle, np.zeros(3), maxiter=1, vectorized=True)
+    assert oracle.nfev == 0

@@ -31,7 +31,7 @@ from .oracle import Oracle, as_vector, short_repr
 from .plan import QueryPlan
 from .shaping import FitnessShaping, shaping_from
 
-__all__ = ["CoordinateEstimator", "Estimate", "Estimator", "RandomEstimator", "StepUnderflow"]
+__all__ = ["MAX_MU", "MAX_Q", "CoordinateEstimator", "Estimate", "Estimator", "RandomEstimator", "StepUnderflow"]
 
 
 @dataclass
@@ -52,9 +52,23 @@ class Estimate:
     n_failed: int = 0
 
 
+#: the largest ``mu``: a step ``mu * u`` stays finite in float32 (max 3.4e38) for any direction entry
+#: ``|u_i| < 3e8``, so a perturbed point never overflows the narrowest usual dtype by ``mu`` alone; a
+#: smoothing radius of 1e30 in the units of ``x`` is a mistake, not a setting
+MAX_MU = 1e30
+#: the most directions per estimate: a plan materializes a ``(q, n)`` direction matrix (128 MiB of
+#: float64 at ``n = 1`` for 2**24 directions) and one estimate costs ``q + 1`` (or ``2 q``) queries;
+#: beyond this, ``q`` is a typo (the literature uses tens to thousands). ``q * dim`` against the budget
+#: is checked when the plan is built, before anything is allocated.
+MAX_Q = 2**24
+
+
 def _check_mu(mu) -> float:
     if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu <= 0:
         raise ConfigError(f"mu must be a positive finite number, got {mu!r}")
+    if mu > MAX_MU:
+        raise ConfigError(f"mu={mu!r} is absurdly large (at most {MAX_MU:g}: the perturbed points x + mu * u would "
+                          "overflow float32); mu is the finite-difference step, in the units of x")
     return float(mu)
 
 
@@ -302,6 +316,9 @@ class RandomEstimator(Estimator):
         self.mu = _check_mu(mu)
         if isinstance(q, bool) or not isinstance(q, int) or q < 1:
             raise ConfigError(f"q must be an int >= 1, got {q!r}")
+        if q > MAX_Q:
+            raise ConfigError(f"q={q!r} directions per estimate is absurd (at most {MAX_Q} = 2**24: a plan holds a "
+                              "(q, dim) matrix of directions and costs q + 1 queries)")
         self.sampler: Directions = directions_from(directions)
         if not isinstance(antithetic, (bool, np.bool_)):
             raise ConfigError(f"antithetic must be a bool, got {antithetic!r}")
@@ -414,4 +431,10 @@ class RandomEstimator(Estimator):
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state) -> None:
-        self.generator.set_state(state["generator"])
+        """Load :meth:`state_dict`; a state that is not this generator's (a uint8 tensor of its size that
+        torch accepts) is a CheckpointError naming ``estimator.generator``, and nothing changes."""
+        from .checkpoint import check_rng_state, field_of
+
+        value = field_of(state, "generator", "estimator.generator")
+        check_rng_state(value, "estimator.generator", self.generator.get_state(), self.generator.device)
+        self.generator.set_state(value)

@@ -22,7 +22,7 @@ from .callbacks import Checkpointer, JSONLinesLog, ProgressBar, ScipyCallback, d
 from .engine import AUTO_MIN_CGE_STEPS, AUTO_RGE_Q, AskTell, auto_estimator
 from .errors import ConfigError
 from .estimators import Estimator
-from .oracle import FunctionOracle, Oracle, _real_tensor, as_vector, short_repr
+from .oracle import FunctionOracle, Oracle, _real_tensor, as_vector, check_overflow, short_repr
 from .result import ZOResult
 from .rules import OPTIMIZERS, SignSGD, make_optimizer
 from .torch_module import ZOGradient
@@ -40,13 +40,16 @@ def as_oracle(fun, x0, *, vectorized: bool = False) -> tuple[Oracle, torch.Tenso
     ``x0`` is float32), a torch tensor as torch in its own dtype and device. ``vectorized=True``:
     ``fun`` takes a ``(K, dim)`` batch and returns ``K`` losses.
     """
+    if not isinstance(vectorized, (bool, np.bool_)):
+        raise TypeError(f"vectorized must be a bool, got {type(vectorized).__name__}: {vectorized!r}")
     if isinstance(fun, Oracle):
+        if vectorized:  # silently ignoring it would hide a misunderstanding
+            raise ConfigError(f"vectorized=True applies to plain callables; the oracle {fun!r} evaluates batches its "
+                              "own way (FunctionOracle(fn, dim, vectorized=True) for a batched function)")
         x = as_vector(x0, dim=fun.dim, dtype=fun.dtype, device=fun.device, name="x0").clone()
         return fun, x
     if not callable(fun):
         raise TypeError(f"fun must be a callable or a zoblackbox Oracle, got {type(fun).__name__}: {short_repr(fun)}")
-    if not isinstance(vectorized, (bool, np.bool_)):
-        raise TypeError(f"vectorized must be a bool, got {type(vectorized).__name__}: {vectorized!r}")
     is_torch = isinstance(x0, torch.Tensor)
     t = _real_tensor(x0, "x0 must be a 1-D array")
     if t.dim() != 1:
@@ -60,7 +63,9 @@ def as_oracle(fun, x0, *, vectorized: bool = False) -> tuple[Oracle, torch.Tenso
     device = t.device if is_torch else None
     oracle = FunctionOracle(fun, int(t.shape[0]), vectorized=bool(vectorized), numpy=not is_torch, dtype=dtype,
                             device=device)
-    return oracle, t.detach().to(dtype).clone()
+    x = t.detach().to(dtype).clone()
+    check_overflow(t.detach(), x, "x0")  # an int64 x0 beyond float32's range: say so, not 'non-finite'
+    return oracle, x
 
 
 def minimize(

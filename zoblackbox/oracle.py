@@ -147,10 +147,28 @@ def as_vector(x, *, dim: int | None = None, dtype=None, device=None, name: str =
         raise ConfigError(f"{name} has length {t.shape[0]}, expected the oracle's dim {dim}")
     t = t.detach()
     if dtype is not None or not t.is_floating_point():
-        t = t.to(dtype=dtype or torch.get_default_dtype())
+        target = dtype or torch.get_default_dtype()
+        converted = t.to(dtype=target)
+        check_overflow(t, converted, name)
+        t = converted
     if device is not None:
         t = t.to(device)
     return t
+
+
+def check_overflow(source: torch.Tensor, converted: torch.Tensor, name: str) -> None:
+    """ConfigError when a conversion to a narrower dtype turned finite entries of ``source`` into
+    inf (``1e300`` in float32): say so, with the values as given, instead of reporting them as
+    non-finite later."""
+    if source.dtype == converted.dtype:
+        return
+    lost = torch.isfinite(source) & ~torch.isfinite(converted)
+    if bool(lost.any()):  # source is 1-D here (as_vector and the engine's start check the shape first)
+        idx = lost.reshape(-1).nonzero().flatten()[:5]
+        values = source.reshape(-1)[idx].tolist()
+        raise ConfigError(f"{name} overflows {str(converted.dtype).replace('torch.', '')} (largest "
+                          f"{torch.finfo(converted.dtype).max:.3g}): entries at indices {idx.tolist()} are "
+                          f"{values}; pass values in range or use a wider dtype")
 
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -361,9 +379,66 @@ class Oracle:
         return state
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.nfev = int(state["nfev"])
+        """Load :meth:`state_dict`: every field is checked (:meth:`check_state_dict`) before anything
+        changes; a failure is a :class:`~zoblackbox.errors.CheckpointError` naming the field."""
+        nfev, failures = self.check_state_dict(state)
+        self.nfev = nfev
         self._outstanding = 0
-        self.failures = [QueryFailure(**f) for f in state.get("failures", [])]
+        self.failures = failures
+
+    def check_state_dict(self, state: Mapping) -> tuple[int, list[QueryFailure]]:
+        """``(nfev, failures)`` of a :meth:`state_dict` after checking it against what this oracle could
+        have written: ``nfev`` an int >= 0 within the budget, ``failures`` a list of dicts with exactly
+        the :class:`QueryFailure` fields and types, indices below ``nfev``. Changes nothing."""
+        from .checkpoint import check_int, field_error, field_of  # checkpoint.py imports no oracle
+
+        if not isinstance(state, Mapping):
+            raise field_error("oracle", state, "a dict")
+        state = dict(state)
+        budget = self.budget
+        nfev = check_int(field_of(state, "nfev", "oracle.nfev"), "oracle.nfev", 0, budget,
+                         "the oracle's budget" if budget is not None else "")
+        raw = field_of(state, "failures", "oracle.failures")
+        if not isinstance(raw, list):
+            raise field_error("oracle.failures", raw, "a list of failure records")
+        failures = []
+        for i, record in enumerate(raw):
+            failures.append(self._checked_failure(record, f"oracle.failures[{i}]", nfev))
+        return nfev, failures
+
+    _FAILURE_FIELDS = ("index", "kind", "message", "value", "attempts", "resolved")
+
+    @staticmethod
+    def _checked_failure(record, field: str, nfev: int) -> QueryFailure:
+        """A :class:`QueryFailure` from its ``as_dict`` record, every field checked (``Oracle.check_state_dict``)."""
+        from .checkpoint import check_int, field_error
+        from .errors import CheckpointError
+
+        if not isinstance(record, dict):
+            raise field_error(field, record, f"a dict with the fields {', '.join(Oracle._FAILURE_FIELDS)}")
+        missing = [k for k in Oracle._FAILURE_FIELDS if k not in record]
+        extra = sorted(map(str, set(record) - set(Oracle._FAILURE_FIELDS)))
+        if missing or extra:
+            raise CheckpointError(f"field {field} has {'no ' + ', '.join(missing) if missing else ''}"
+                                  f"{' and ' if missing and extra else ''}"
+                                  f"{'unknown fields ' + ', '.join(extra) if extra else ''}; a failure record has "
+                                  f"exactly {', '.join(Oracle._FAILURE_FIELDS)}")
+        index = check_int(record["index"], f"{field}.index", 0, max(nfev - 1, 0), "a query the oracle counted")
+        if nfev == 0:
+            raise field_error(f"{field}.index", index, "the index of a counted query (oracle.nfev is 0)")
+        kind = record["kind"]
+        if not isinstance(kind, str) or kind not in ("exception", "nonfinite", "timeout"):
+            raise field_error(f"{field}.kind", kind, "'exception', 'nonfinite' or 'timeout'")
+        if not isinstance(record["message"], str):
+            raise field_error(f"{field}.message", record["message"], "a str")
+        value = record["value"]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise field_error(f"{field}.value", value, "a float or None")
+        attempts = check_int(record["attempts"], f"{field}.attempts", 1)
+        if not isinstance(record["resolved"], bool):
+            raise field_error(f"{field}.resolved", record["resolved"], "a bool")
+        return QueryFailure(index, kind, record["message"], None if value is None else float(value), attempts,
+                            record["resolved"])
 
     def __repr__(self) -> str:
         budget = "" if self.budget is None else f", budget={self.budget}"

@@ -28,7 +28,7 @@ import numpy as np
 
 from .directions import GaussianDirections
 from .errors import ConfigError
-from .estimators import RandomEstimator
+from .estimators import MAX_MU, MAX_Q, RandomEstimator
 from .shaping import RankShaping, StdShaping
 
 __all__ = ["PRESETS", "Preset", "ars_v2t", "openai_es"]
@@ -71,6 +71,14 @@ def _positive_float(value, what: str) -> float:
     return float(value)
 
 
+def _at_most(value, limit, what: str, why: str):
+    """``value`` if ``<= limit``, else ConfigError naming the preset's own argument (not the estimator's)."""
+    if value > limit:
+        shown = limit if isinstance(limit, int) else f"{limit:g}"
+        raise ConfigError(f"{what}={value!r} is too large (at most {shown}: {why})")
+    return value
+
+
 def _seed(value):
     # RandomEstimator checks the range; the preset refuses the wrong kinds under its own name
     if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))):
@@ -111,12 +119,12 @@ def ars_v2t(n_directions: int, top_b: int, step_size: float, noise: float, seed:
         >>> preset["estimator"]
         RandomEstimator(mu=0.03, q=8, directions='gaussian', antithetic=True, top_b=4, fitness_shaping='std')
     """
-    n = _positive_int(n_directions, "n_directions")
+    n = _at_most(_positive_int(n_directions, "n_directions"), MAX_Q, "n_directions", "the estimator's MAX_Q directions")
     b = _positive_int(top_b, "top_b")
     if b > n:
         raise ConfigError(f"top_b must be at most n_directions={n} (the pairs it keeps), got {top_b!r}")
     alpha = _positive_float(step_size, "step_size")
-    nu = _positive_float(noise, "noise")
+    nu = _at_most(_positive_float(noise, "noise"), MAX_MU, "noise", "the perturbed points would overflow float32")
     seed = _seed(seed)
     estimator = RandomEstimator(mu=nu, q=n, antithetic=True, top_b=b, fitness_shaping=StdShaping(),
                                 directions=GaussianDirections(), seed=seed)
@@ -159,7 +167,8 @@ def openai_es(population: int, sigma: float, lr: float, weight_decay: float = 0.
     if (isinstance(population, (bool, np.bool_)) or not isinstance(population, (int, np.integer)) or population < 2
             or population % 2):
         raise ConfigError(f"population must be an even int >= 2 (mirrored pairs), got {population!r}")
-    mu = _positive_float(sigma, "sigma")
+    _at_most(int(population), 2 * MAX_Q, "population", "two directions each for the estimator's MAX_Q")
+    mu = _at_most(_positive_float(sigma, "sigma"), MAX_MU, "sigma", "the perturbed points would overflow float32")
     rate = _positive_float(lr, "lr")
     if (isinstance(weight_decay, (bool, np.bool_))
             or not isinstance(weight_decay, (int, float, np.integer, np.floating))

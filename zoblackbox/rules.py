@@ -22,13 +22,17 @@ add it to :func:`make_rule` (``docs/architecture.md``).
 
 from __future__ import annotations
 
+import inspect
 import math
 import queue
 import threading
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Generator, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,6 +86,167 @@ def optimizer_class(name_or_cls) -> type:
     if isinstance(name_or_cls, type) and issubclass(name_or_cls, torch.optim.Optimizer):
         return name_or_cls
     raise ConfigError(f"optimizer must be a name or a torch.optim.Optimizer class, got {name_or_cls!r}")
+
+
+# ---------------------------------------------------------------------------------------- optimizer arguments
+def _kinds(annotation, default) -> tuple | None:
+    """The kinds of value a keyword of an optimizer's ``__init__`` takes, from its annotation (torch's
+    optimizers annotate every keyword: ``float``, ``bool``, ``int``, ``tuple[float, float]``,
+    ``bool | None``...) or else its default; ``None`` when neither says (anything is let through)."""
+    if isinstance(annotation, (type, types.UnionType)) or typing.get_origin(annotation) is not None:
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin in (typing.Union, types.UnionType):
+            kinds = [_kinds(a, inspect.Parameter.empty) for a in args]
+            return None if any(k is None for k in kinds) else tuple(x for k in kinds for x in k)
+        if origin is tuple and args and Ellipsis not in args:
+            elements = [_kinds(a, inspect.Parameter.empty) for a in args]
+            return None if any(k is None for k in elements) else (tuple(elements),)
+        if annotation is bool:
+            return ("bool",)
+        if annotation is int:
+            return ("int",)
+        if annotation is float:
+            return ("real",)
+        if annotation is str:
+            return ("str",)
+        if annotation is type(None):
+            return ("none",)
+        if isinstance(annotation, type) and issubclass(annotation, torch.Tensor):
+            return ("tensor",)
+        return None
+    if isinstance(default, (bool, np.bool_)):
+        return ("bool",)
+    if isinstance(default, (int, float)):
+        return ("real",)
+    if isinstance(default, str):
+        return ("str",)
+    if isinstance(default, tuple) and default and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      for v in default):
+        return (tuple(("real",) for _ in default),)
+    return None
+
+
+_KIND_WORDS = {"bool": "a bool", "int": "an int", "real": "a finite real number", "str": "a string",
+               "none": "None", "tensor": "a tensor"}
+
+
+def _matches(value, kind) -> bool:
+    if isinstance(kind, tuple):  # a tuple of the given element kinds
+        return (isinstance(value, (tuple, list)) and len(value) == len(kind)
+                and all(any(_matches(v, k) for k in ks) for v, ks in zip(value, kind)))
+    if kind == "bool":
+        return isinstance(value, (bool, np.bool_))
+    if kind == "int":
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if kind == "real":
+        return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+                and math.isfinite(value))
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "none":
+        return value is None
+    if kind == "tensor":
+        return isinstance(value, torch.Tensor)
+    return False
+
+
+def _describe(kind) -> str:
+    if isinstance(kind, tuple):
+        return f"a tuple of {len(kind)} ({', '.join(' or '.join(_describe(k) for k in ks) for ks in kind)})"
+    return _KIND_WORDS[kind]
+
+
+def check_optimizer_kwargs(cls: type, name: str, kwargs: Mapping) -> None:
+    """Refuse an unknown keyword, or a value of the wrong kind, for the optimizer class ``cls`` with a
+    :class:`ConfigError` naming the keyword and the value (torch would fail later, from inside a step,
+    or say only ``'<=' not supported between instances of 'float' and 'str'``)."""
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):  # no signature to check against: the dry step checks what it can
+        return
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    known = {n: p for n, p in params.items() if n not in ("self", "params")
+             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    for key, value in kwargs.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"optimizer_kwargs keys must be strings (keyword names), got {key!r}")
+        if key == "lr":
+            raise ConfigError(f"optimizer_kwargs['lr']={value!r}: pass the learning rate as lr=, not in optimizer_kwargs")
+        if key not in known:
+            if takes_any:
+                continue
+            raise ConfigError(f"optimizer {name!r} takes no keyword {key!r} (optimizer_kwargs {key}={value!r}); "
+                              f"it takes {sorted(k for k in known if k != 'lr')}")
+        kinds = _kinds(known[key].annotation, known[key].default)
+        if kinds is not None and not any(_matches(value, k) for k in kinds):
+            raise ConfigError(f"optimizer {name!r}: optimizer_kwargs {key}={value!r} must be "
+                              f"{' or '.join(_describe(k) for k in kinds)}")
+
+
+#: checks torch's LBFGS constructor leaves to its first step (a bad value fails there, after queries)
+_LBFGS_RANGES = {"max_iter": (1, "an int >= 1"), "history_size": (1, "an int >= 1"),
+                 "max_eval": (1, "an int >= 1 or None"), "tolerance_grad": (0, "a number >= 0"),
+                 "tolerance_change": (0, "a number >= 0")}
+
+
+def build_optimizer(cls: type, name: str, param: torch.Tensor, lr: float, kwargs: Mapping, *,
+                    closure: bool = False) -> torch.optim.Optimizer:
+    """``cls([param], lr=lr, **kwargs)``, every argument checked before any query.
+
+    Three layers, each naming the argument and the value: :func:`check_optimizer_kwargs` (unknown
+    keywords, wrong kinds: from the class's signature, which torch annotates); torch's own
+    constructor checks (ranges: ``momentum >= 0``, ``0 <= beta < 1``..., re-raised as ConfigError);
+    then one dry step with a zero gradient on a scratch copy of ``param`` (with a closure for closure
+    optimizers) for what torch only checks inside ``step`` (``capturable``/``fused`` on the wrong
+    device, a user class's own checks). The real parameter and optimizer state are untouched.
+    """
+    check_optimizer_kwargs(cls, name, kwargs)
+    if issubclass(cls, torch.optim.LBFGS):
+        for key, (low, what) in _LBFGS_RANGES.items():
+            value = kwargs.get(key)
+            if value is not None and value < low:
+                raise ConfigError(f"optimizer {name!r}: optimizer_kwargs {key}={value!r} must be {what}")
+        if kwargs.get("line_search_fn") not in (None, "strong_wolfe"):
+            raise ConfigError(f"optimizer {name!r}: optimizer_kwargs line_search_fn={kwargs['line_search_fn']!r} "
+                              "must be None or 'strong_wolfe'")
+
+    def make(p):
+        try:
+            return cls([p], lr=lr, **kwargs)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"optimizer {name!r} refuses optimizer_kwargs {dict(kwargs)!r}: {exc}") from exc
+
+    scratch = nn.Parameter(param.detach().clone())
+    dry = make(scratch)
+    try:
+        if closure:
+            def zero_loss():
+                dry.zero_grad(set_to_none=False)
+                scratch.grad = torch.zeros_like(scratch)
+                return torch.zeros((), dtype=torch.float64)
+            dry.step(zero_loss)
+        else:
+            scratch.grad = torch.zeros_like(scratch)
+            dry.step()
+    except Exception as exc:  # whatever the optimizer's step raises is a bad configuration
+        raise ConfigError(f"optimizer {name!r} with lr={lr!r} and optimizer_kwargs {dict(kwargs)!r} fails on a "
+                          f"dry step: {type(exc).__name__}: {exc}") from exc
+    return make(param)
+
+
+def check_lr_schedule(lr_schedule: Callable[[int], float]) -> Callable[[int], float]:
+    """``lr_schedule`` wrapped so that a factor that is not a finite number >= 0 is a ConfigError naming
+    the schedule, the step and the value (``LambdaLR`` would multiply it into the LR silently, or fail
+    with a torch TypeError)."""
+    def checked(step: int) -> float:
+        factor = lr_schedule(step)
+        if (isinstance(factor, (bool, np.bool_)) or not isinstance(factor, (int, float, np.integer, np.floating))
+                or not math.isfinite(factor) or factor < 0):
+            raise ConfigError(f"lr_schedule {lr_schedule!r} returned {factor!r} at step {step}; a schedule returns "
+                              "a finite LR factor >= 0")
+        return float(factor)
+
+    return checked
 
 
 def make_optimizer(name_or_cls, params, lr: float, **kwargs) -> torch.optim.Optimizer:
@@ -202,11 +367,10 @@ class FirstOrderRule(UpdateRule):
     def start(self, x, engine) -> None:
         self.keep = 1 if engine.evaluate_final else 0
         self.param = nn.Parameter(x.clone())
-        try:
-            self.opt = self.cls([self.param], lr=self.lr, **self.kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"optimizer {self.name!r} does not take the arguments {self.kwargs}: {exc}") from exc
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_schedule) if self.lr_schedule else None
+        self.opt = build_optimizer(self.cls, self.name, self.param, self.lr, self.kwargs)
+        self.sched = None
+        if self.lr_schedule:
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, check_lr_schedule(self.lr_schedule))
 
     @property
     def x(self) -> torch.Tensor:
@@ -488,10 +652,7 @@ class ClosureRule(UpdateRule):
                               "query the base point (use forward differences, e.g. CoordinateEstimator(), or "
                               "optimizer='lbfgs')")
         self.param = nn.Parameter(x.clone())
-        try:
-            self.opt = self.cls([self.param], lr=self.lr, **self.kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"optimizer {self.name!r} does not take the arguments {self.kwargs}: {exc}") from exc
+        self.opt = build_optimizer(self.cls, self.name, self.param, self.lr, self.kwargs, closure=True)
         self.best_x, self.best_f, self.evals = x.clone(), math.inf, 0
         self.records: list[dict] = []
 
