@@ -68,3 +68,30 @@ def test_minimize_checks_vectorized_for_oracles_too():
     with pytest.raises(ConfigError, match="vectorized=True applies to plain callables"):
         minimize(oracle, np.zeros(3), maxiter=1, vectorized=True)
     assert oracle.nfev == 0
+
+
+@pytest.mark.parametrize("fail_on", [".pt", ".json", "latest.json"])
+def test_a_same_tag_save_that_dies_at_any_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fail_on):
+    """A full disk (an OSError) at any of the writes of a same-tag save leaves the previous pair of
+    that tag loadable and named by latest.json."""
+    import zoblackbox.checkpoint as ck
+
+    save_checkpoint(tmp_path, {"w": torch.arange(3.0)}, {"step": 1}, tag=1)
+    real = ck._atomic_write
+
+    def full_disk(path, data):
+        if path.name.endswith(fail_on) and not (fail_on == ".json" and path.name == "latest.json"):
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(ck, "_atomic_write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, {"w": torch.zeros(3)}, {"step": 2}, tag=1)
+    monkeypatch.setattr(ck, "_atomic_write", real)
+    state, meta = load_checkpoint(tmp_path)
+    if fail_on == "latest.json":  # the new pair was complete before latest.json was touched
+        assert meta["step"] == 2 and torch.equal(state["w"], torch.zeros(3))
+    else:
+        assert meta["step"] == 1 and torch.equal(state["w"], torch.arange(3.0))
+    save_checkpoint(tmp_path, {"w": torch.ones(3)}, {"step": 3}, tag=1)  # and the next save cleans up
+    assert load_checkpoint(tmp_path)[1]["step"] == 3 and len(list(tmp_path.glob("ckpt-*.pt"))) == 1

@@ -373,7 +373,7 @@ def _payloads():
 def _write_payload(directory, payload):
     pt = save_checkpoint(directory, {"w": torch.zeros(3)}, {}, tag=1)
     pt.write_bytes(payload)
-    js = pt.with_suffix(".json")
+    js = pt.parent / "ckpt-000000001.json"  # a same-tag save names its payload ckpt-000000001.<sha>.pt
     meta = json.loads(js.read_text())
     js.write_text(json.dumps({**meta, "sha256": hashlib.sha256(payload).hexdigest()}))
     return pt

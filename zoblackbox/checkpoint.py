@@ -9,8 +9,9 @@ A checkpoint is a pair of files in a directory:
 
 ``latest.json`` names the newest complete checkpoint. Every file is written to a temporary name
 and renamed into place, and ``latest.json`` is replaced last, so a crash at any moment leaves the
-previous checkpoint intact and loadable. Rewriting an existing tag first points ``latest.json`` at
-the previous checkpoint, so the pair being replaced is never the one ``latest.json`` names.
+previous checkpoint intact and loadable. Rewriting an existing tag writes the new payload under a
+name of its own (``ckpt-<step>.<sha>.pt``) and then replaces the metadata that names it in one
+rename, so the pair being replaced stays complete until the new one is.
 Temporary files left by a writer that was killed are removed by the next save.
 """
 
@@ -75,23 +76,39 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], meta: d
     except (pickle.UnpicklingError, RuntimeError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint state holds objects that are not plain tensors/containers: {exc}") from exc
     name = f"ckpt-{int(tag):09d}"
-    pt, js = directory / f"{name}.pt", directory / f"{name}.json"
-    full_meta = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
-                 "file": pt.name, **meta}
+    js = directory / f"{name}.json"
+    digest = hashlib.sha256(payload).hexdigest()
+    previous = _payload_of(js) if js.exists() else None
+    # a checkpoint of the same tag again gets a payload file of its own: the old pair stays complete and
+    # loadable until the metadata naming the new payload replaces it in one rename (an exception, a full
+    # disk or a SIGKILL at any moment leaves the last good checkpoint exactly as it was)
+    pt = directory / (f"{name}.pt" if previous is None and not (directory / f"{name}.pt").exists()
+                      else f"{name}.{digest[:16]}.pt")
+    full_meta = {"format": FORMAT, "version": VERSION, "sha256": digest, "file": pt.name, **meta}
     try:  # everything is validated before the first write: a failure leaves the last good checkpoint as it was
         meta_bytes = json.dumps(full_meta, indent=2, sort_keys=True, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint metadata must be JSON (finite numbers, strings, lists, dicts): {exc}") \
             from exc
-    if js.exists() or pt.exists():  # same tag again: never leave latest.json on a half-replaced pair
-        older = [m for m in sorted(directory.glob("ckpt-*.json")) if m.name < js.name]
-        if older:  # (with no older checkpoint, a kill in between is reported as a checksum mismatch)
-            _atomic_write(directory / "latest.json", json.dumps({"checkpoint": older[-1].name}).encode())
     _atomic_write(pt, payload)
     _atomic_write(js, meta_bytes)
     _atomic_write(directory / "latest.json", json.dumps({"checkpoint": js.name}).encode())
+    if previous is not None and previous != pt:
+        previous.unlink(missing_ok=True)
     _prune(directory, keep={js.name, pt.name})
     return pt
+
+
+def _payload_of(js: Path) -> Path | None:
+    """The payload file a checkpoint's metadata names (``None`` when it cannot be read)."""
+    try:
+        name = json.loads(js.read_text()).get("file")
+    except (OSError, ValueError, AttributeError):  # unreadable metadata: its payload is never taken for a stray
+        return js.with_suffix(".pt")
+    if not isinstance(name, str) or Path(name).name != name or not name.startswith("ckpt-") \
+            or not name.endswith(".pt"):
+        return js.with_suffix(".pt")
+    return js.parent / name
 
 
 def _prune(directory: Path, keep: set[str]) -> None:
@@ -99,8 +116,14 @@ def _prune(directory: Path, keep: set[str]) -> None:
     for js in metas[:-_KEEP]:
         if js.name in keep:
             continue
-        js.with_suffix(".pt").unlink(missing_ok=True)
+        payload = _payload_of(js)
+        if payload is not None:
+            payload.unlink(missing_ok=True)
         js.unlink(missing_ok=True)
+    referenced = {p.name for p in map(_payload_of, directory.glob("ckpt-*.json")) if p is not None} | keep
+    for stray in directory.glob("ckpt-*.pt"):  # payloads no metadata names (a writer killed in between)
+        if stray.name not in referenced:
+            stray.unlink(missing_ok=True)
     for pattern in ("ckpt-*.tmp", "latest.json.*.tmp"):  # left by a writer killed before its rename
         for tmp in directory.glob(pattern):
             tmp.unlink(missing_ok=True)
@@ -152,7 +175,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict, 
         raise CheckpointError(f"{js} is not a {FORMAT} file (format={meta.get('format') if isinstance(meta, dict) else meta!r})")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{js} has checkpoint format version {meta.get('version')!r}; this zoblackbox reads {VERSION}")
-    pt = js.with_suffix(".pt")
+    pt = _payload_of(js) or js.with_suffix(".pt")
     if not pt.exists():
         raise CheckpointError(f"checkpoint payload {pt} not found")
     payload = pt.read_bytes()
