@@ -115,6 +115,9 @@ def test_non_finite_losses_follow_the_failure_policy():
         s.tell([1.0, float("nan"), 2.0])
     assert s.nfev == 0 and np.array_equal(s.ask(), X)  # unchanged: the losses can be told again
     t = AskTell(np.zeros(2), estimator=CoordinateEstimator(), maxiter=3, on_failure="skip")
+    with pytest.raises(ConfigError, match=r"tell\(\) before ask\(\)"):
+        t.tell([1.0, 2.0, 3.0])  # losses of points the caller was never given
+    t.ask()
     t.tell([1.0, float("nan"), 2.0])
     assert t.nit == 0 or t.done or t.nfev == 3
     assert t.result().failures["failed_queries"] == 1

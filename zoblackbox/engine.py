@@ -198,6 +198,7 @@ class AskTell:
         self._settle()
         if self.phase == "done":
             raise ConfigError(f"the run is done ({self.message}); nothing more to ask: call result()")
+        self._asked = True
         return self._pending
 
     def ask(self):
@@ -225,6 +226,9 @@ class AskTell:
         if self.phase == "done":
             raise ConfigError(f"tell() after the run ended ({self.message}): there is no pending ask; "
                               "call result()")
+        if not self._asked:  # the losses cannot be of points the caller has not been given
+            raise ConfigError(f"tell() before ask(): call ask() for the {len(self._pending)} points to evaluate, then "
+                              "tell their losses")
         plan = self._pending
         values = _as_losses(losses, len(plan))
         spent = len(plan) if nfev is None else nfev
@@ -287,6 +291,10 @@ class AskTell:
             except BudgetExhaustedError as exc:
                 self._cancel(f"the oracle's own budget ran out: {exc}")
                 continue
+            except OracleError as exc:
+                if exc.kind == "nonfinite" and self.nit > 0 and hasattr(exc, "add_note"):
+                    exc.add_note(self._divergence_hint())
+                raise
             self._accept(losses.to(torch.float64), view.nfev - before)  # the oracle applied its failure policy
             self.n_failed += int((~torch.isfinite(losses)).sum())
             self._settle(hold=True)
@@ -498,6 +506,7 @@ class AskTell:
 
     # ------------------------------------------------------------------ the state machine
     _fresh = True
+    _asked = False
     _views: BudgetView | None = None
     _last_grad: torch.Tensor | None = None
     _observed_x: torch.Tensor | None = None
@@ -521,6 +530,7 @@ class AskTell:
             self._replaying = False
 
     def _accept(self, values: torch.Tensor, spent: int) -> None:
+        self._asked = False
         self.nfev += spent
         self._log.append((values.clone(), spent))
         self._pending = None
@@ -617,6 +627,17 @@ class AskTell:
             if observer(self, entry) is True:
                 halt = True
         return halt
+
+    def _divergence_hint(self) -> str:
+        """A note for a non-finite loss during a run: how far the iterate has moved, and the likely cause."""
+        now = float(self.rule.x.abs().max())
+        start = float(self.x0.abs().max())
+        lr = getattr(self.rule, "lr", None)
+        grown = now > 1e3 * max(1.0, start)
+        return (f"at iteration {self.nit} the iterate's largest entry is {now:.3g} (x0's: {start:.3g})"
+                + (f"; it grew by orders of magnitude: the step size lr={lr!r} is the likely cause, lower it"
+                   if grown else "; the function itself returned a non-finite value there")
+                + " (or pass on_failure='inf'/'skip' to the oracle to step over such points)")
 
     def _nit(self) -> int:
         counted = self.rule.iterations()

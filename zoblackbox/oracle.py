@@ -586,6 +586,11 @@ class FunctionOracle(Oracle):
         return RawResult(values, {})
 
 
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` this build can use (CPU for ``None``); ConfigError naming it otherwise."""
+    return _check_device(device)
+
+
 def _check_device(device) -> torch.device:
     if device is None:
         return torch.device("cpu")

@@ -39,6 +39,7 @@ from .engine import AskTell
 from .errors import CheckpointError, ConfigError, OracleError
 from .estimators import CoordinateEstimator, Estimator
 from .optim import ZOGradient
+from .oracle import check_device
 from .params import ParamLayout
 from .result import ZOResult
 from .schedules import Constant, WarmupCosine
@@ -137,7 +138,7 @@ class Trainer:
             raise ConfigError("train_loader must have a length (a DataLoader over a map-style dataset)") from None
         if self.steps_per_epoch < 1:
             raise ConfigError("train_loader yields no batch")
-        self.device = torch.device(device)
+        self.device = check_device(device)  # a device torch cannot parse or use: ConfigError naming it
         self.model = model.to(self.device)
         self.train_loader, self.test_loader = train_loader, test_loader
         self.loss_fn, self.method, self.epochs = loss_fn, method, epochs
