@@ -66,7 +66,16 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], meta: d
     Returns:
         the path of the ``.pt`` file.
     """
+    if isinstance(tag, bool) or not isinstance(tag, int) or tag < 0:
+        raise CheckpointError(f"tag must be an int >= 0 (e.g. the step), got {tag!r}")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint state must be a dict of tensors and plain containers, got "
+                              f"{type(state).__name__}")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint metadata must be a dict, got {type(meta).__name__}")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(directory)!r} is a file")
     directory.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -164,9 +173,12 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict, 
         if found is None:
             raise CheckpointError(f"no checkpoint in {path} (latest.json missing)")
         path = found
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {str(path)!r}: not found (no such file or directory)")
     js = path.with_suffix(".json")
     if not js.exists():
-        raise CheckpointError(f"checkpoint metadata {js} not found")
+        raise CheckpointError(f"{str(path)!r} is not a zoblackbox checkpoint: expected a checkpoint directory or a "
+                              f"ckpt-*.json / ckpt-*.pt file, and its metadata {js.name} is not there")
     try:
         meta = json.loads(js.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

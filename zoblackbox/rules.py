@@ -85,6 +85,11 @@ def optimizer_class(name_or_cls) -> type:
         return OPTIMIZERS[name_or_cls.lower()]
     if isinstance(name_or_cls, type) and issubclass(name_or_cls, torch.optim.Optimizer):
         return name_or_cls
+    if isinstance(name_or_cls, torch.optim.Optimizer):  # an instance holds parameters of its own: not ours to step
+        cls = type(name_or_cls)
+        raise ConfigError(f"optimizer must be a name or a torch.optim.Optimizer class, got a {cls.__module__}."
+                          f"{cls.__qualname__} instance; pass the class (optimizer={cls.__qualname__}) and its "
+                          "arguments as optimizer_kwargs")
     raise ConfigError(f"optimizer must be a name or a torch.optim.Optimizer class, got {name_or_cls!r}")
 
 
