@@ -26,6 +26,8 @@ sphere); Rademacher directions as in SPSA (Spall 1992).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from .parts import is_builtin_part, resolve_part
@@ -33,7 +35,7 @@ from .parts import is_builtin_part, resolve_part
 __all__ = ["Directions", "GaussianDirections", "RademacherDirections", "SphereDirections", "directions_from"]
 
 
-class Directions:
+class Directions(ABC):
     """How an RGE draws its directions: ``sample(q, n, generator)`` and the scaling ``phi(n)``.
 
     Subclasses override :meth:`sample` (and :meth:`phi` unless ``E[u u^T] = I`` already). All
@@ -44,9 +46,9 @@ class Directions:
     #: short name; the estimator's ``directions`` attribute and ``repr`` show it for the built-ins
     name: str = "custom"
 
+    @abstractmethod
     def sample(self, q: int, n: int, generator: torch.Generator) -> torch.Tensor:
         """``q`` directions of length ``n``: a float64 CPU tensor of shape ``(q, n)``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement sample(q, n, generator)")
 
     def phi(self, n: int) -> float:
         """The scaling that makes ``E[phi u u^T] = I`` for ``n`` coordinates (1 by default)."""

@@ -38,9 +38,9 @@ import torch
 from .errors import BudgetExhaustedError, CheckpointError, ConfigError, OracleError
 from .estimators import CoordinateEstimator, Estimator, RandomEstimator, StepUnderflow
 from .oracle import BudgetView, FailurePolicy, Oracle, short_repr
-from .plan import QueryPlan
+from .plan import QueryPlan, _is_int
 from .result import ZOResult
-from .rules import LBFGSRule, Stop, UpdateRule, estimate_from, make_rule
+from .rules import LBFGSRule, Stop, UpdateRule, make_rule
 
 __all__ = ["AUTO_MIN_CGE_STEPS", "AUTO_RGE_Q", "AskTell", "BudgetView", "auto_estimator"]
 
@@ -65,10 +65,6 @@ def auto_estimator(dim: int, budget: int | None, seed: int | None = 0) -> Estima
     if dim <= AUTO_RGE_Q or budget is None or budget >= AUTO_MIN_CGE_STEPS * (dim + 1):
         return CoordinateEstimator()
     return RandomEstimator(q=AUTO_RGE_Q, seed=seed)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 # ------------------------------------------------------------------------------------------ the engine
@@ -122,7 +118,7 @@ class AskTell:
                  optimizer_kwargs: Mapping | None = None, lr_schedule: Callable[[int], float] | None = None,
                  on_failure: FailurePolicy | str = "raise", evaluate_final: bool = True,
                  dtype: torch.dtype | None = None, device=None):
-        x, self._numpy = _as_start(x0, dtype, device)
+        x, self._numpy = start_point(x0, dtype, device)
         self.dim, self.dtype, self.device = int(x.shape[0]), x.dtype, x.device
         if budget is not None and (not _is_int(budget) or budget < 0):
             raise ConfigError(f"budget must be a non-negative int or None, got {budget!r}")
@@ -240,7 +236,7 @@ class AskTell:
             raise ConfigError(f"nfev={spent} would take the run past its budget of {self.budget} "
                               f"({self.nfev} used{kept})")
         bad = (~torch.isfinite(values)).nonzero().flatten()
-        if bad.numel() and self._policy_applies:
+        if bad.numel():
             if self.policy.action == "raise":
                 i = int(bad[0])
                 raise OracleError(f"tell(): loss #{i} of {len(plan)} is {float(values[i])!r} (not finite); pass "
@@ -355,11 +351,15 @@ class AskTell:
         return self._views
 
     # ------------------------------------------------------------------ services for update rules
+    def _own_left(self) -> float:
+        """Queries the driving oracle's own budget still allows (``inf`` without one)."""
+        return self._limit_source.remaining if self._limit_source is not None else math.inf
+
     def afford(self, n: int, keep: int = 0) -> None:
         """Raise :class:`~zoblackbox.rules.Stop` unless ``n`` more queries fit (``keep`` more kept aside)."""
         if self.budget is not None and self.nfev + n + keep > self.budget:
             raise Stop(f"query budget reached ({self.nfev} of {self.budget} spent)")
-        own = self._limit_source.remaining if self._limit_source is not None else math.inf
+        own = self._own_left()
         if n > own:
             raise Stop(f"the oracle's own budget ran out: a batch of {n} queries would exceed the budget of "
                        f"{self._limit_source.budget} ({self._limit_source.nfev} already spent, {own} left)",
@@ -367,8 +367,7 @@ class AskTell:
 
     def can_afford(self, n: int) -> bool:
         """Whether ``n`` more queries fit in the budget."""
-        own = self._limit_source.remaining if self._limit_source is not None else math.inf
-        return (self.budget is None or self.nfev + n <= self.budget) and n <= own
+        return (self.budget is None or self.nfev + n <= self.budget) and n <= self._own_left()
 
     def gradient_estimate(self, x: torch.Tensor, *, keep: int = 0, f0: float | None = None, checked: bool = False):
         """A generator that asks for the estimator's plan at ``x`` and returns the
@@ -387,8 +386,8 @@ class AskTell:
             losses = torch.cat([torch.tensor([float(f0)], dtype=torch.float64), losses.to(torch.float64)])
         else:
             losses = yield plan
-        est = estimate_from(self.estimator, plan, losses)
-        est.nfev = len(plan) - (f0 is not None and plan.include_base)
+        est = self.estimator.combine(plan, losses)
+        est.nfev = len(plan) - (f0 is not None and plan.include_base)  # the known f0 cost no query
         return est
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -402,7 +401,7 @@ class AskTell:
         if self.lower is not None:
             x.clamp_(min=self.lower.to(x.dtype), max=self.upper.to(x.dtype))
 
-    def observe(self, record: dict, *, x, grad, fun, nit, call_back: bool = True) -> Stop | None:
+    def observe(self, record: dict, *, x, grad, nit, call_back: bool = True) -> Stop | None:
         """Record an intermediate point of a rule whose iteration spans many asks (closure
         optimizers); returns a :class:`Stop` when an observer asks to stop."""
         self._append_history(record, nit=nit)
@@ -511,7 +510,6 @@ class AskTell:
     _last_grad: torch.Tensor | None = None
     _observed_x: torch.Tensor | None = None
     _limit_source: Oracle | None = None
-    _policy_applies = True
 
     def _replay(self, boundary: Mapping, told: list, told_nfev: list) -> None:
         self._replaying = True
@@ -733,8 +731,10 @@ def _evaluate(oracle: Oracle, plan: QueryPlan, scheduler) -> torch.Tensor:
     return oracle.evaluate_plan(plan)
 
 
-def _as_start(x0, dtype, device) -> tuple[torch.Tensor, bool]:
-    """``x0`` as a detached 1-D floating tensor and whether asks should be numpy."""
+def start_point(x0, dtype=None, device=None) -> tuple[torch.Tensor, bool]:
+    """``x0`` as a detached, checked 1-D floating tensor, and whether it came as numpy (a list or an
+    array: asks are numpy then). Without ``dtype`` the computation dtype follows ``x0``: a floating
+    ``x0`` keeps its dtype, integers become float64 (numpy, lists) or torch's default dtype (tensors)."""
     from .oracle import _real_tensor, check_overflow
 
     numpy = not isinstance(x0, torch.Tensor)

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from .callbacks import Checkpointer, JSONLinesLog, ProgressBar, ScipyCallback, default_progress
-from .engine import AUTO_MIN_CGE_STEPS, AUTO_RGE_Q, AskTell, auto_estimator
+from .engine import AUTO_MIN_CGE_STEPS, AUTO_RGE_Q, AskTell, auto_estimator, start_point
 from .errors import ConfigError
 from .estimators import Estimator
-from .oracle import FunctionOracle, Oracle, _real_tensor, as_vector, check_overflow, short_repr
+from .oracle import FunctionOracle, Oracle, as_vector, short_repr
 from .result import ZOResult
 from .rules import OPTIMIZERS, SignSGD, make_optimizer
 from .torch_module import ZOGradient
@@ -36,8 +36,9 @@ def as_oracle(fun, x0, *, vectorized: bool = False) -> tuple[Oracle, torch.Tenso
 
     An :class:`~zoblackbox.oracle.Oracle` is used as it is (``x0`` converted to its dtype and
     device). A plain callable gets a :class:`~zoblackbox.oracle.FunctionOracle` whose computation
-    dtype follows ``x0``: a numpy array or a list is handed to ``fun`` as numpy (float64 unless
-    ``x0`` is float32), a torch tensor as torch in its own dtype and device. ``vectorized=True``:
+    dtype follows ``x0`` (:func:`~zoblackbox.engine.start_point`): a numpy array or a list is handed
+    to ``fun`` as numpy (float64 for integers and lists), a torch tensor as torch in its own dtype
+    and device. ``vectorized=True``:
     ``fun`` takes a ``(K, dim)`` batch and returns ``K`` losses.
     """
     if not isinstance(vectorized, (bool, np.bool_)):
@@ -50,21 +51,9 @@ def as_oracle(fun, x0, *, vectorized: bool = False) -> tuple[Oracle, torch.Tenso
         return fun, x
     if not callable(fun):
         raise TypeError(f"fun must be a callable or a zoblackbox Oracle, got {type(fun).__name__}: {short_repr(fun)}")
-    is_torch = isinstance(x0, torch.Tensor)
-    t = _real_tensor(x0, "x0 must be a 1-D array")
-    if t.dim() != 1:
-        raise ConfigError(f"x0 must be 1-D, got shape {tuple(t.shape)}")
-    if t.shape[0] == 0:
-        raise ConfigError("x0 must have at least one entry, got an empty array")
-    if t.is_floating_point() and (is_torch or t.dtype == torch.float32):
-        dtype = t.dtype
-    else:
-        dtype = torch.float64 if not is_torch else torch.get_default_dtype()
-    device = t.device if is_torch else None
-    oracle = FunctionOracle(fun, int(t.shape[0]), vectorized=bool(vectorized), numpy=not is_torch, dtype=dtype,
-                            device=device)
-    x = t.detach().to(dtype).clone()
-    check_overflow(t.detach(), x, "x0")  # an int64 x0 beyond float32's range: say so, not 'non-finite'
+    x, numpy = start_point(x0)  # the engine's one rule for the computation dtype
+    oracle = FunctionOracle(fun, int(x.shape[0]), vectorized=bool(vectorized), numpy=numpy, dtype=x.dtype,
+                            device=None if numpy else x.device)
     return oracle, x
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .estimators import Estimate, Estimator, StepUnderflow
+from .estimators import StepUnderflow
 from .lbfgs import _ACCEPT, _GROW, _SHRINK, check_lbfgs_kwargs, lbfgs_direction
 from .plan import QueryPlan
 
@@ -408,10 +408,6 @@ class FirstOrderRule(UpdateRule):
         if self.sched is not None:
             self.sched.step()
 
-    @property
-    def current_lr(self) -> float:
-        return float(self.opt.param_groups[0]["lr"])
-
     def state_dict(self) -> dict:
         state = {"x": self.x.clone(), "optimizer": clone_tree(self.opt.state_dict())}
         if self.sched is not None:
@@ -721,7 +717,7 @@ class ClosureRule(UpdateRule):
                     self.best_f, self.best_x = f0, x.clone()
                 record = {"f0": est.f0, "grad_norm": float(est.grad.norm()), "n_failed": est.n_failed,
                           "nit": self._nit()}
-                halt = engine.observe(record, x=x, grad=est.grad, fun=est.f0, nit=self._nit(),
+                halt = engine.observe(record, x=x, grad=est.grad, nit=self._nit(),
                                       call_back=self.evals > 1)
                 replies.put((est, halt))
         finally:
@@ -774,10 +770,3 @@ def make_rule(optimizer, lr: float | None, optimizer_kwargs: Mapping | None = No
     if issubclass(cls, torch.optim.LBFGS):
         return ClosureRule(cls, 1e-2 if lr is None else lr, optimizer_kwargs, budget_bound=budget_bound)
     return FirstOrderRule(optimizer, 1e-2 if lr is None else lr, optimizer_kwargs, lr_schedule)
-
-
-def estimate_from(estimator: Estimator, plan: QueryPlan, losses: torch.Tensor) -> Estimate:
-    """``estimator.combine`` with the number of queries filled in."""
-    est = estimator.combine(plan, losses)
-    est.nfev = len(plan)
-    return est

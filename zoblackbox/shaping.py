@@ -14,6 +14,8 @@ loss's scale, so it is a search direction rather than an unbiased gradient.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from .parts import is_builtin_part, resolve_part
@@ -21,7 +23,7 @@ from .parts import is_builtin_part, resolve_part
 __all__ = ["FitnessShaping", "RankShaping", "StdShaping", "average_ranks", "shaping_from"]
 
 
-class FitnessShaping:
+class FitnessShaping(ABC):
     """Transforms the paired losses of an RGE estimate: ``__call__(plus, minus, *, with_base)``.
 
     Subclasses implement :meth:`__call__` and return two 1-D tensors shaped like ``plus`` and
@@ -31,8 +33,9 @@ class FitnessShaping:
     #: short name; the estimator's ``fitness_shaping`` attribute and ``repr`` show it for the built-ins
     name: str = "custom"
 
+    @abstractmethod
     def __call__(self, plus: torch.Tensor, minus: torch.Tensor, *, with_base: bool):
-        raise NotImplementedError(f"{type(self).__name__} must implement __call__(plus, minus, *, with_base)")
+        """The shaped ``(plus, minus)`` losses."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
