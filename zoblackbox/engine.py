@@ -41,6 +41,7 @@ from .oracle import BudgetView, FailurePolicy, Oracle, short_repr
 from .plan import QueryPlan, _is_int
 from .result import ZOResult
 from .rules import LBFGSRule, Stop, UpdateRule, make_rule
+from .strategy import PROBE_POINTS, AutoStrategy
 
 __all__ = ["AUTO_MIN_CGE_STEPS", "AUTO_RGE_Q", "AskTell", "BudgetView", "auto_estimator"]
 
@@ -113,7 +114,7 @@ class AskTell:
             first-order step (e.g. adding a white-box term computed by autograd).
     """
 
-    def __init__(self, x0, *, estimator: Estimator | str = "auto", optimizer="adam", lr: float | None = None,
+    def __init__(self, x0, *, estimator: Estimator | str = "auto", optimizer="auto", lr: float | None = None,
                  budget: int | None = None, seed: int | None = 0, bounds=None, maxiter: int | None = None,
                  optimizer_kwargs: Mapping | None = None, lr_schedule: Callable[[int], float] | None = None,
                  on_failure: FailurePolicy | str = "raise", evaluate_final: bool = True,
@@ -136,14 +137,20 @@ class AskTell:
         if self.policy.retries:
             raise ConfigError(f"on_failure={on_failure!r}: retries need an oracle to re-evaluate the point; tell() "
                               "cannot retry (use 'raise', 'inf' or 'skip', or pass retries to the oracle)")
+        auto_estimator_asked = isinstance(estimator, str) and estimator == "auto" or estimator is None
+        if isinstance(optimizer, str) and optimizer.lower() == "auto":
+            # the zero-configuration strategy decides estimator and rule itself; a run that sets either
+            # (an estimator, lr, optimizer_kwargs, an lr_schedule) keeps the first-order default, Adam
+            tuned = not auto_estimator_asked or lr is not None or optimizer_kwargs or lr_schedule is not None
+            optimizer = "adam" if tuned else AutoStrategy()
         is_lbfgs_name = isinstance(optimizer, str) and optimizer.lower() == "lbfgs"
-        if isinstance(estimator, str) and estimator == "auto" or estimator is None:
+        if auto_estimator_asked:
             # quasi-Newton needs consistent gradients: forward CGE for L-BFGS
             estimator = CoordinateEstimator() if is_lbfgs_name else auto_estimator(self.dim, self.budget, seed)
         if not isinstance(estimator, Estimator):
             raise TypeError(f"estimator must be a zoblackbox Estimator or 'auto', got {short_repr(estimator)}")
         self.estimator = estimator
-        self.lower, self.upper = _check_bounds(bounds, self.dim, self.dtype, self.device)
+        self.lower, self.upper = _check_bounds(bounds, self.dim, self.dtype, self.device, x)
         if self.lower is not None and bool(((x < self.lower) | (x > self.upper)).any()):
             bad = ((x < self.lower) | (x > self.upper)).nonzero().flatten()[:5].tolist()
             raise ConfigError(f"x0 lies outside the bounds at indices {bad}: {x[bad].tolist()}")
@@ -153,7 +160,11 @@ class AskTell:
                       "lr_schedule": lr_schedule, "bounds": bounds, "on_failure": on_failure}
         step_cost = estimator.num_queries(self.dim)
         final = 1 if self.evaluate_final else 0
-        if self.budget is not None and not isinstance(self.rule, LBFGSRule) and self.budget < step_cost + final:
+        if isinstance(self.rule, AutoStrategy) and self.budget is not None and self.budget < PROBE_POINTS + 1:
+            raise ConfigError(f"budget={budget!r} is below the cost of the default strategy's first step "
+                              f"({PROBE_POINTS + 1} queries: the loss at x0 and its noise probe)")
+        if self.budget is not None and not isinstance(self.rule, (LBFGSRule, AutoStrategy)) \
+                and self.budget < step_cost + final:
             raise ConfigError(
                 f"budget={budget!r} is below the cost of one iteration ({step_cost} queries for {estimator!r} "
                 f"at dim={self.dim})" + (" plus the final evaluation (1 query)" if final else ""))
@@ -261,6 +272,7 @@ class AskTell:
             success=bool(self.success and math.isfinite(fun) and done), message=self.message,
             history=list(self.history), failures=self._failure_report(),
             wall_time=self._wall_offset + time.perf_counter() - self._t0,
+            **({"strategy": self.rule.strategy} if hasattr(self.rule, "strategy") else {}),
         )
 
     # ------------------------------------------------------------------ driving through an oracle
@@ -378,7 +390,7 @@ class AskTell:
                 raise Stop(f"maxiter={self.maxiter} iterations reached")
             n = None if self.coords is None else int(self.coords.numel())
             self.afford(self.estimator.num_queries(self.dim, n), keep)
-        plan = self._bounded(self.estimator.plan(x, self.coords))
+        plan = self.bounded(self.estimator.plan(x, self.coords))
         if f0 is not None and plan.include_base:
             rest = QueryPlan(base=plan.base, include_base=False, coords=plan.coords, offsets=plan.offsets,
                              directions=plan.directions, support=plan.support)
@@ -648,8 +660,10 @@ class AskTell:
         return math.nan
 
     def _config(self) -> dict:
+        auto = getattr(self.rule, "chooses_estimator", False)  # the rule picks (and records) its estimators
         return {"dim": self.dim, "dtype": str(self.dtype).replace("torch.", ""), "numpy": self._numpy,
-                "estimator": repr(self.estimator), "estimator_spec": _estimator_spec(self.estimator),
+                "estimator": "auto" if auto else repr(self.estimator),
+                "estimator_spec": None if auto else _estimator_spec(self.estimator),
                 "rule": self.rule.config(), "budget": self.budget, "maxiter": self.maxiter, "seed": self.seed,
                 "evaluate_final": self.evaluate_final, "on_failure": self.policy.action,
                 "lr_schedule": self._init["lr_schedule"] is not None}
@@ -693,18 +707,44 @@ class AskTell:
         else:
             self._begin_iteration()
 
-    def _bounded(self, plan: QueryPlan) -> QueryPlan:
-        """A forward coordinate plan whose steps would leave the box takes them backwards."""
-        if self.lower is None or plan.coords is None or not plan.include_base or plan.num_perturbations == 0:
+    def bounded(self, plan: QueryPlan) -> QueryPlan:
+        """``plan`` with every query inside the bounds (unchanged without bounds or when it fits).
+
+        A forward coordinate step that would leave the box is taken backwards (when that fits,
+        else clipped); other coordinate steps and direction perturbations are clipped to the box.
+        Estimators combine the realized steps of the plan they get back, so a clipped step gives
+        a one-sided (or shorter) difference, never a query outside the box."""
+        if self.lower is None or plan.num_perturbations == 0 and not plan.include_base:
             return plan
+        lower, upper = self.lower.to(plan.base.dtype), self.upper.to(plan.base.dtype)
+        base = plan.base
+        if plan.include_base and bool(((base < lower) | (base > upper)).any()):
+            base = torch.maximum(torch.minimum(base, upper), lower)
+        if plan.coords is None:
+            if plan.num_perturbations == 0:
+                return plan if base is plan.base else QueryPlan(base=base, include_base=True,
+                                                                 directions=plan.directions, support=plan.support)
+            points = base.unsqueeze(0) + plan.directions.to(base.dtype)
+            inside = torch.maximum(torch.minimum(points, upper), lower)
+            if base is plan.base and bool(torch.equal(inside, points)):
+                return plan
+            return QueryPlan(base=base, include_base=plan.include_base, directions=inside - base,
+                             support=plan.support)
         c = plan.coords
-        target = plan.base[c] + plan.offsets
-        out = (target > self.upper[c]) | (target < self.lower[c])
-        if not bool(out.any()):
+        xc = base[c]
+        target = xc + plan.offsets
+        out = (target > upper[c]) | (target < lower[c])
+        if base is plan.base and not bool(out.any()):
             return plan
-        xc = plan.base[c]
-        offsets = torch.where(out, (xc - plan.offsets) - xc, plan.offsets)  # the realized backward step
-        return QueryPlan(base=plan.base, include_base=True, coords=c, offsets=offsets)
+        offsets = plan.offsets
+        if plan.include_base:  # forward: the realized backward step where it fits
+            back = (xc - offsets) - xc
+            fits = ((xc + back) <= upper[c]) & ((xc + back) >= lower[c])
+            offsets = torch.where(out & fits, back, offsets)
+        clipped = torch.maximum(torch.minimum(xc + offsets, upper[c]), lower[c]) - xc
+        return QueryPlan(base=base, include_base=plan.include_base, coords=c, offsets=clipped)
+
+    _bounded = bounded
 
     def _failure_report(self) -> dict:
         if self._views is not None:
@@ -793,11 +833,58 @@ def _as_losses(losses, n: int) -> torch.Tensor:
     return t.clone()
 
 
-def _check_bounds(bounds, dim: int, dtype, device):
+def _pairs(bounds, dim: int):
+    """``(lower, upper)`` of scipy's sequence of ``dim`` ``(min, max)`` pairs (``None`` = unbounded), or
+    ``None`` when ``bounds`` is not such a sequence."""
+    if isinstance(bounds, np.ndarray) or not isinstance(bounds, Sequence) or len(bounds) != dim or dim == 0:
+        return None
+    lower, upper = [], []
+    for pair in bounds:
+        if isinstance(pair, (str, bytes, np.ndarray, torch.Tensor)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            return None
+        lo, hi = pair
+        if not all(v is None or isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                   for v in (lo, hi)):
+            return None
+        lower.append(-math.inf if lo is None else float(lo))
+        upper.append(math.inf if hi is None else float(hi))
+    return lower, upper
+
+
+def _check_bounds(bounds, dim: int, dtype, device, x0: torch.Tensor | None = None):
+    """``(lower, upper)`` tensors from ``bounds``: ``None``, ``scipy.optimize.Bounds``, ``(lower, upper)``
+    (scalars or arrays) or scipy's sequence of ``dim`` ``(min, max)`` pairs. With ``dim == 2`` a list of
+    two pairs reads both ways; the reading that contains ``x0`` is taken, and when both do and they
+    differ the bounds are refused as ambiguous."""
     if bounds is None:
         return None, None
+    if hasattr(bounds, "lb") and hasattr(bounds, "ub"):  # scipy.optimize.Bounds
+        bounds = (bounds.lb, bounds.ub)
+    pairs = _pairs(bounds, dim)
+    if pairs is not None and dim == 2 and len(bounds) == 2:
+        readings = []
+        for reading in (pairs, tuple(bounds)):
+            try:
+                low, high = _bounds_tensors(reading, dim, dtype, device)
+            except ConfigError:
+                continue
+            if x0 is None or not bool(((x0 < low) | (x0 > high)).any()):
+                readings.append((low, high))
+        if len(readings) == 2 and not (torch.equal(*[r[0] for r in readings])
+                                       and torch.equal(*[r[1] for r in readings])):
+            raise ConfigError(f"bounds={short_repr(bounds)} is ambiguous for dim=2: it reads as two (min, max) pairs "
+                              "and as (lower, upper); pass scipy.optimize.Bounds(lower, upper)")
+        if readings:
+            return readings[0]
+    elif pairs is not None:
+        bounds = pairs
+    return _bounds_tensors(bounds, dim, dtype, device)
+
+
+def _bounds_tensors(bounds, dim: int, dtype, device):
     if not isinstance(bounds, Sequence) or isinstance(bounds, (str, bytes)) or len(bounds) != 2:
-        raise ConfigError(f"bounds must be a pair (lower, upper), got {short_repr(bounds)}")
+        raise ConfigError(f"bounds must be scipy.optimize.Bounds, a pair (lower, upper) or {dim} (min, max) pairs, "
+                          f"got {short_repr(bounds)}")
     out = []
     for name, b in zip(("lower", "upper"), bounds):
         try:
@@ -820,7 +907,10 @@ def _check_bounds(bounds, dim: int, dtype, device):
 def _estimator_spec(est: Estimator) -> dict | None:
     """A JSON description of zoblackbox's own estimators (``None`` when it cannot be rebuilt)."""
     if type(est) is CoordinateEstimator:
-        return {"class": "CoordinateEstimator", "mu": est.mu, "scheme": est.scheme}
+        spec = {"class": "CoordinateEstimator", "mu": est.mu, "scheme": est.scheme}
+        if est.relative:
+            spec["relative"] = True
+        return spec
     if type(est) is RandomEstimator:
         directions = getattr(est, "directions", None)
         shaping = getattr(est, "fitness_shaping", None)
@@ -846,6 +936,8 @@ def _rebuild_kwargs(config: dict, state: Mapping) -> dict:
         kwargs["lr"] = rule["lr"]
     elif rule.get("rule") == "LBFGSRule":
         kwargs["optimizer"], kwargs["lr"], kwargs["optimizer_kwargs"] = "lbfgs", rule["lr"], rule["options"]
+    elif rule.get("rule") == "AutoStrategy":
+        kwargs["optimizer"] = "auto"
     elif rule.get("rule") == "ClosureRule":
         kwargs["optimizer"] = _optimizer_from_name(rule["optimizer"])
         kwargs["lr"] = rule["lr"]

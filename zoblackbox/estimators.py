@@ -201,18 +201,29 @@ class CoordinateEstimator(Estimator):
     ``fl(x_i + mu) - x_i`` is used as the divisor, so rounding of ``x_i + mu`` adds no error.
 
     Args:
-        mu: step size (DeepZero's default 5e-3).
+        mu: step size (DeepZero's default 5e-3, for neural-network weights).
         scheme: ``"forward"`` or ``"central"``.
+        relative: scale the step of coordinate ``i`` by ``max(1, |x_i|)`` (the classical
+            finite-difference step of numerical analysis: with ``mu = sqrt(eps)`` forward and
+            ``mu = cbrt(eps)`` central it balances truncation and rounding errors at any magnitude
+            of ``x``; :func:`zoblackbox.minimize`'s default strategy uses it).
     """
 
-    def __init__(self, mu: float = 5e-3, scheme: str = "forward"):
+    def __init__(self, mu: float = 5e-3, scheme: str = "forward", relative: bool = False):
         self.mu = _check_mu(mu)
         if not isinstance(scheme, str) or scheme not in ("forward", "central"):
             raise ConfigError(f"scheme must be 'forward' or 'central', got {scheme!r}")
+        if not isinstance(relative, (bool, np.bool_)):
+            raise ConfigError(f"relative must be a bool, got {relative!r}")
         self.scheme = scheme
+        self.relative = bool(relative)
 
     def __repr__(self) -> str:
-        return f"CoordinateEstimator(mu={self.mu}, scheme={self.scheme!r})"
+        rel = ", relative=True" if self.relative else ""
+        return f"CoordinateEstimator(mu={self.mu}, scheme={self.scheme!r}{rel})"
+
+    def _steps(self, xc: torch.Tensor):
+        return self.mu * torch.clamp(xc.abs(), min=1.0) if self.relative else self.mu
 
     @property
     def queries_base(self) -> bool:
@@ -230,11 +241,12 @@ class CoordinateEstimator(Estimator):
     def plan(self, x, coords=None) -> QueryPlan:
         c = _check_coords(coords, x.shape[0], x.device)
         xc = x[c]
-        up = (xc + self.mu) - xc  # realized steps
+        h = self._steps(xc)
+        up = (xc + h) - xc  # realized steps
         _check_steps(up, x, c, self.mu)
         if self.scheme == "forward":
             return QueryPlan(base=x, include_base=True, coords=c, offsets=up)
-        down = (xc - self.mu) - xc
+        down = (xc - h) - xc
         _check_steps(down, x, c, self.mu)
         return QueryPlan(base=x, include_base=False, coords=torch.cat([c, c]), offsets=torch.cat([up, down]))
 

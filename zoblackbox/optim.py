@@ -62,7 +62,7 @@ def minimize(
     x0,
     *,
     estimator: Estimator | str = "auto",
-    optimizer="adam",
+    optimizer="auto",
     lr: float | None = None,
     budget: int | None = None,
     maxiter: int | None = None,
