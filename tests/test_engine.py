@@ -195,8 +195,11 @@ def test_minimize_takes_a_plain_callable_like_scipy():
     vec = minimize(lambda X: rosen(X.T), np.zeros(10), vectorized=True, budget=2000,
                    estimator=CoordinateEstimator(mu=1e-6), optimizer="lbfgs")
     assert np.array_equal(vec.x, res.x)  # the same run, one batch per ask
-    torch_fn = minimize(lambda x: float((x ** 2).sum()), torch.ones(3, dtype=torch.float64), maxiter=5)
+    torch_fn = minimize(lambda x: float((x ** 2).sum()), torch.ones(3, dtype=torch.float64), maxiter=5,
+                        optimizer="adam")
     assert torch_fn.nit == 5
+    auto = minimize(lambda x: float((x ** 2).sum()), torch.ones(3, dtype=torch.float64), maxiter=5)
+    assert auto.nit <= 5 and auto.fun < 1e-12  # the default (L-BFGS on relative CGE) solves it within 5 iterations
 
 
 def test_function_dtype_follows_x0():
@@ -254,10 +257,15 @@ def test_bounds_are_respected_by_iterates_and_forward_steps():
 
 def test_log_and_progress(tmp_path, capsys):
     log = tmp_path / "run.jsonl"
-    res = minimize(rosen, np.zeros(4), maxiter=7, log=log, progress=True)
+    res = minimize(rosen, np.zeros(4), maxiter=7, log=log, progress=True, optimizer="adam")
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["nit"] for r in lines] == list(range(1, 8)) and lines[-1]["nfev"] == res.history[-1]["nfev"]
     assert "q_per_s" in capsys.readouterr().err
+    # the default strategy also logs its probe and the first gradient (no iteration yet: nit stays 0)
+    auto_log = tmp_path / "auto.jsonl"
+    auto = minimize(rosen, np.zeros(4), maxiter=7, log=auto_log)
+    nits = [json.loads(line)["nit"] for line in auto_log.read_text().splitlines()]
+    assert nits == sorted(nits) and nits[-1] == auto.nit == 7 and nits[0] == 0
 
 
 def test_checkpoint_resume_returns_a_finished_run_without_querying(tmp_path):

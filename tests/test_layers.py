@@ -58,6 +58,8 @@ LAYERS = {
     "zoblackbox.schedules": CORE,  # learning-rate schedules (not the query schedulers of zoblackbox.schedule)
     "zoblackbox.presets": CORE,
     "zoblackbox.smoothing": CORE,
+    "zoblackbox.noise": CORE,
+    "zoblackbox.strategy": CORE,  # the zero-configuration default rule (uses pycma, a dependency)
     # 2. torch layer
     "zoblackbox.torch_module": TORCH,
     "zoblackbox.staged": TORCH,

@@ -59,7 +59,8 @@ def test_callback_can_stop(quadratic):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"budget": 5}, "budget=5 is below the cost of one iteration"),
+    ({"budget": 5}, "budget=5 is below the cost of the default strategy's first step"),
+    ({"budget": 5, "optimizer": "adam"}, "budget=5 is below the cost of one iteration"),
     ({"optimizer": "lbfgs-b", "maxiter": 1}, "unknown optimizer 'lbfgs-b'"),
     ({"lr": -1.0, "maxiter": 1}, "lr must be a positive finite number, got -1.0"),
     ({}, "give a budget"),

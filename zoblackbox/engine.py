@@ -125,8 +125,8 @@ class AskTell:
             raise ConfigError(f"budget must be a non-negative int or None, got {budget!r}")
         if maxiter is not None and (not _is_int(maxiter) or maxiter < 0):
             raise ConfigError(f"maxiter must be a non-negative int, got {maxiter!r}")
-        if seed is not None and not _is_int(seed):
-            raise ConfigError(f"seed must be an int or None, got {seed!r}")
+        if seed is not None and (not _is_int(seed) or not -2**63 <= int(seed) < 2**64):
+            raise ConfigError(f"seed must be an int in [-2**63, 2**64) (torch's seed range) or None, got {seed!r}")
         if not isinstance(evaluate_final, (bool, np.bool_)):
             raise TypeError(f"evaluate_final must be a bool, got {evaluate_final!r}")
         self.budget = None if budget is None else int(budget)

@@ -95,7 +95,7 @@ class AutoStrategy(UpdateRule):
         self.es = None
         self.restarts = 0
         self.cma_evals = 0
-        self.rs = np.random.RandomState(self._seed)  # CMA-ES's sampler: the user's global numpy RNG stays untouched
+        self.rs = np.random.RandomState(self._seed % 2**32)  # CMA-ES's sampler: the user's global numpy RNG stays untouched
         self.decisions: list[dict] = []
         self._advanced = False
         self.engine = engine
@@ -188,7 +188,7 @@ class AutoStrategy(UpdateRule):
         """The loss at x0 and PROBE_POINTS more on a line through it; ECNoise decides the rest."""
         d = engine.dim
         engine.afford(PROBE_POINTS + 1)
-        rng = torch.Generator().manual_seed(self._seed)
+        rng = torch.Generator().manual_seed(self._seed % 2**64)
         signs = torch.randint(0, 2, (d,), generator=rng).to(self.dtype) * 2 - 1
         h = self.eps ** (1 / 3)
         p = signs * torch.clamp(self.x0.abs(), min=1.0) * h
