@@ -892,8 +892,8 @@ def _bounds_tensors(bounds, dim: int, dtype, device):
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"bounds {name} must be a number or an array of {dim} numbers, got {short_repr(b)}") \
                 from exc
-        if t.dim() == 0:
-            t = t.expand(dim).clone()
+        if t.dim() == 0 or t.shape == (1,) and dim != 1:  # a scalar (scipy's Bounds(0, 1) holds arrays of one)
+            t = t.reshape(()).expand(dim).clone()
         if t.shape != (dim,) or bool(torch.isnan(t).any()):
             raise ConfigError(f"bounds {name} must be a number or {dim} numbers (no NaN), got {short_repr(b)}")
         out.append(t)

@@ -10,7 +10,7 @@ order where three consecutive levels agree within a factor of 4 and the differen
 (noise, not a smooth trend).
 
 :func:`ecnoise` is the estimator; :func:`zoblackbox.minimize`'s default strategy
-(:mod:`zoblackbox.strategy`) calls it on ``m = 8`` extra evaluations around ``x0``, counted in the
+(:mod:`zoblackbox.strategy`) calls it on ``m + 1 = 7`` evaluations on a line through ``x0`` (``f(x0)`` and 6 more), counted in the
 budget, and picks its finite-difference scheme and step from the result.
 """
 
