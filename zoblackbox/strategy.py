@@ -64,6 +64,11 @@ CMA_MIN_SIGMA = 2.0
 NOISY_RELATIVE = 1e-8
 #: the noise-aware local phase ends after this many iterates whose gradient estimate is mostly noise
 NOISY_STALL = 3
+#: on a noisy function CMA-ES also restarts when the median loss of its generations has stopped falling: over the
+#: last W = STAGNATION_BASE + STAGNATION_PER_DIM * d / popsize generations it is no lower than over the W before
+#: (noise keeps pycma's tolfun from firing in a local minimum)
+STAGNATION_BASE = 10
+STAGNATION_PER_DIM = 30
 
 
 class AutoStrategy(UpdateRule):
@@ -278,6 +283,7 @@ class AutoStrategy(UpdateRule):
         if engine.lower is not None:
             opts["bounds"] = [engine.lower.to(torch.float64).cpu().numpy(), engine.upper.to(torch.float64).cpu().numpy()]
         mean = self.x0.to(torch.float64).cpu().numpy()  # every IPOP run starts from the user's x0 (as pycma's fmin)
+        self.medians: list[float] = []
         with contextlib.redirect_stdout(io.StringIO()):
             self.es = cma.CMAEvolutionStrategy(mean, self.sigma0, opts)
         self._decide("global", why, popsize=popsize, sigma0=self.sigma0, restart=self.restarts,
@@ -310,6 +316,11 @@ class AutoStrategy(UpdateRule):
             stop = es.stop()
         record = {"f0": float(fit.min()), "best": self.best_f, "phase": "global", "sigma": float(es.sigma)}
         stop = {k: v for k, v in stop.items() if k not in ("maxfevals",)}
+        if self.noisy:
+            self.medians.append(float(np.median(fit)))
+            w = int(STAGNATION_BASE + STAGNATION_PER_DIM * engine.dim / len(X))
+            if len(self.medians) >= 2 * w and np.median(self.medians[-w:]) >= np.median(self.medians[-2 * w:-w]):
+                stop["median stagnation"] = w
         if stop:
             self.restarts += 1
             self._start_cma(engine, f"CMA-ES run {self.restarts} ended ({', '.join(sorted(stop))}): IPOP restart "
@@ -343,6 +354,7 @@ class AutoStrategy(UpdateRule):
         if self.es is not None:
             state["cma"] = torch.from_numpy(np.frombuffer(pickle.dumps(self.es), dtype=np.uint8).copy())
             state["sep"], state["sigma0"] = self.sep, self.sigma0
+            state["medians"] = torch.tensor(self.medians, dtype=torch.float64)
         return state
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -370,6 +382,7 @@ class AutoStrategy(UpdateRule):
             self.es = _load_cma(bytes(state["cma"].numpy().tobytes()))
             self.rs = self.es.opts["randn"].__self__  # the generator pickled with it, in the same state
             self.sep, self.sigma0 = bool(state["sep"]), float(state["sigma0"])
+            self.medians = [float(v) for v in state["medians"].tolist()]
 
     def config(self) -> dict:
         return {"rule": "AutoStrategy", "seed": self.seed}
