@@ -59,7 +59,7 @@ def run_cases(bench_dir: Path, quick: bool) -> dict:
         return FunctionOracle(lambda X: torch.as_tensor(rosen(X.T.numpy())), 8, vectorized=True, dtype=torch.float64)
 
     minimize_cases = {
-        "minimize_adam": {"budget": 900},
+        "minimize_adam": {"optimizer": "adam", "budget": 900},  # the default before minimize's auto strategy
         "minimize_lbfgs": {"optimizer": "lbfgs", "estimator": CoordinateEstimator(mu=1e-6), "budget": 900},
         "minimize_lbfgs_noisy": {"optimizer": "lbfgs", "estimator": CoordinateEstimator(mu=1e-3, scheme="central"),
                                  "optimizer_kwargs": {"noise": 1e-4}, "budget": 900},

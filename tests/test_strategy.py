@@ -17,6 +17,13 @@ from zoblackbox.noise import ecnoise
 from zoblackbox.strategy import AutoStrategy
 
 
+def _pseudo_noisy(x):
+    """A sphere plus deterministic noise of size ~1e-3 (a function of x: a resumed run sees the same values)."""
+    x = np.asarray(x, dtype=np.float64)
+    jitter = math.sin(1e5 * float(x @ np.arange(1, x.size + 1)) + 0.5) * 1.7e-3
+    return float(x @ x + 1.0 + jitter)
+
+
 def _phases(res):
     return [d["phase"] for d in res.strategy["decisions"]]
 
@@ -90,7 +97,7 @@ def test_noise_is_detected_and_handled_with_central_differences():
     noise = res.strategy["noise"]
     assert noise["noisy"] is True and sigma / 3 < noise["sigma"] < 3 * sigma
     assert "central" in res.strategy["decisions"][1]["estimator"]
-    assert float((res.x ** 2).sum()) < 0.05  # from f - 1 = 36 at x0, the noise floor is ~1e-3
+    assert float((res.x ** 2).sum()) < 1e-3  # from f - 1 = 36 at x0 (measured: 4e-5); the noise is 1e-3
 
 
 def test_multimodal_function_gets_a_global_phase_that_beats_the_local_search():
@@ -143,8 +150,9 @@ def test_a_non_finite_loss_at_x0_is_an_error_naming_it():
 
 
 # ------------------------------------------------------------------------------------------------- resume
-@pytest.mark.parametrize("fun, x0, budget", [(rosen, np.zeros(4), 900), (_rastrigin, 3.3 * np.ones(3), 1500)],
-                         ids=["rosen-local", "rastrigin-global"])
+@pytest.mark.parametrize("fun, x0, budget", [(rosen, np.zeros(4), 900), (_rastrigin, 3.3 * np.ones(3), 1500),
+                                             (_pseudo_noisy, 2 * np.ones(3), 1500)],
+                         ids=["rosen-local", "rastrigin-global", "noisy-global"])
 def test_resume_from_any_point_is_exact(fun, x0, budget):
     def drive(s, steps=None):
         n = 0
@@ -155,7 +163,8 @@ def test_resume_from_any_point_is_exact(fun, x0, budget):
 
     reference = drive(AskTell(x0, budget=budget)).result()
     assert "global" in _phases(reference) or fun is rosen
-    for cut in (1, 2, 7, 40, 120):
+    assert reference.strategy["noise"]["noisy"] is (fun is _pseudo_noisy)
+    for cut in (1, 2, 7, 40, 120, 300):
         s = drive(AskTell(x0, budget=budget), cut)
         buf = io.BytesIO()
         torch.save(s.state_dict(), buf)

@@ -24,7 +24,7 @@ from .errors import ConfigError
 __all__ = ["cmd_minimize", "register"]
 
 ESTIMATORS = ("auto", "cge", "central", "rge")
-OPTIMIZERS = ("adam", "adamw", "sgd", "signsgd", "lbfgs")
+OPTIMIZERS = ("auto", "adam", "adamw", "sgd", "signsgd", "lbfgs")
 
 
 def register(sub) -> None:
@@ -42,7 +42,9 @@ def register(sub) -> None:
     p.add_argument("--estimator", choices=ESTIMATORS, default="auto", help="gradient estimator")
     p.add_argument("--mu", type=positive_float, default=None, help="finite-difference step (default per estimator)")
     p.add_argument("--q", type=positive_int, default=20, help="RGE directions per estimate")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="update rule")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="auto",
+                   help="update rule; auto (default): the zero-configuration strategy of zoblackbox.minimize, or adam "
+                        "when --estimator, --mu or --lr is given")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 1e-2; 1 for lbfgs)")
     p.add_argument("--bounds", type=bound_float, nargs=2, default=None, metavar=("LOWER", "UPPER"),
                    help="box for every coordinate (LOWER < UPPER; -inf/inf allowed)")
@@ -135,7 +137,8 @@ def cmd_minimize(args) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"x": res.x.tolist(), "fun": res.fun, "nfev": res.nfev, "nit": res.nit,
                                          "success": res.success, "message": res.message,
-                                         "failures": res.failures}, indent=2))
+                                         "failures": res.failures,
+                                         **({"strategy": res.strategy} if "strategy" in res else {})}, indent=2))
     if fail_nonfinite({"fun": res.fun}, "the program returned non-finite losses (see --on-failure) or the steps "
                       "diverged (try a smaller --lr)"):
         return 1

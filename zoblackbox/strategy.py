@@ -21,10 +21,13 @@ One update rule, :class:`AutoStrategy`, run by the ask/tell engine like any othe
    When the dimension is large for the budget (fewer than ``LOCAL_MIN_GRADIENTS`` gradient
    estimates affordable), the run skips the local phase and spends the budget on the diagonal
    CMA-ES variant (sep-CMA-ES), a random-direction method whose cost per sample is linear in ``d``.
+   On a noisy function a CMA-ES run also restarts when the median loss of its generations has
+   stopped falling (noise keeps pycma's own ``tolfun`` from firing in a local minimum).
 
 The returned point is the best point evaluated (with its measured loss: no extra query) for a
-deterministic function, and the last phase's estimate of the optimum (the L-BFGS iterate, or
-CMA-ES's mean), evaluated once, for a noisy one. ``result.strategy`` records every decision and
+deterministic function. For a noisy one it is the best estimate of the optimum over the phases
+(the L-BFGS iterate scored by its loss, each CMA-ES run's mean scored by the median loss of its last
+generations), evaluated once. ``result.strategy`` records every decision and
 its reason. Settings were chosen once, on COCO BBOB instances 1-5 (``benchmarks/bbob.py``);
 ``docs/minimize.md`` has the measurements.
 """
@@ -102,6 +105,7 @@ class AutoStrategy(UpdateRule):
         self.cma_evals = 0
         self.rs = np.random.RandomState(self._seed % 2**32)  # CMA-ES's sampler: the user's global numpy RNG stays untouched
         self.decisions: list[dict] = []
+        self.candidates: list[tuple[float, torch.Tensor]] = []  # noisy runs: (score, point) of each finished phase
         self._advanced = False
         self.engine = engine
         engine.estimator = CoordinateEstimator(mu=math.sqrt(self.eps), relative=True)
@@ -252,6 +256,8 @@ class AutoStrategy(UpdateRule):
 
     def _next_after_local(self, engine, stop) -> None:
         reason = getattr(stop, "message", str(stop))
+        if self.noisy and self.local is not None and math.isfinite(self.local.f):
+            self.candidates.append((float(self.local.f), self.local.x.clone()))
         self.travel = float((self.local_x().to(torch.float64) - self.x0.to(torch.float64)).norm()) / math.sqrt(engine.dim)
         if self.phase == "local" and not self.noisy:
             self._start_local(engine, "central", f"the forward-difference search stopped ({reason}); central "
@@ -322,19 +328,30 @@ class AutoStrategy(UpdateRule):
             if len(self.medians) >= 2 * w and np.median(self.medians[-w:]) >= np.median(self.medians[-2 * w:-w]):
                 stop["median stagnation"] = w
         if stop:
+            if self.noisy:
+                self.candidates.append(self._cma_candidate())
             self.restarts += 1
             self._start_cma(engine, f"CMA-ES run {self.restarts} ended ({', '.join(sorted(stop))}): IPOP restart "
                             "with a doubled population", sep=self.sep)
         return record
 
+    def _cma_candidate(self) -> tuple[float, torch.Tensor]:
+        """The current CMA-ES run's estimate of the optimum (its mean) scored by the median loss of its last
+        generations (an average over many points near the mean: comparable between runs despite the noise)."""
+        score = float(np.median(self.medians[-5:])) if self.medians else math.inf
+        return score, torch.as_tensor(self.es.result.xfavorite, dtype=self.dtype, device=self.x0.device)
+
     # ------------------------------------------------------------------ end
     def finish(self, engine):
         if not self.noisy:
             return self.best_x.clone(), self.best_f, ""
+        candidates = list(self.candidates)
         if self.phase == "global" and self.es is not None:
-            x = torch.as_tensor(self.es.result.xfavorite, dtype=self.dtype, device=self.x0.device)
-        else:
-            x = self.local_x()
+            candidates.append(self._cma_candidate())
+        elif self.local is not None:
+            candidates.append((float(self.local.f), self.local_x()))
+        # the best-scored estimate of all phases and restarts (a restart's young run is rarely the best)
+        x = min(candidates, key=lambda c: c[0])[1] if candidates else self.local_x()
         x = engine.project(x)
         if not engine.can_afford(1):
             return self.best_x.clone(), self.best_f, "; the best point measured (no query left to evaluate the estimate)"
@@ -348,7 +365,10 @@ class AutoStrategy(UpdateRule):
                  "x": self.best_x.clone(), "best_f": self.best_f, "keep": self.keep,
                  "local_scheme": self.local_scheme, "restarts": self.restarts, "cma_evals": self.cma_evals,
                  "travel": getattr(self, "travel", 0.0), "decisions": [dict(d) for d in self.decisions],
-                 "advanced": self._advanced}
+                 "advanced": self._advanced,
+                 "candidate_scores": torch.tensor([c[0] for c in self.candidates], dtype=torch.float64),
+                 "candidate_points": (torch.stack([c[1] for c in self.candidates]) if self.candidates
+                                      else torch.empty(0, self.x0.numel(), dtype=self.dtype))}
         if self.local is not None:
             state["local"] = self.local.state_dict()
         if self.es is not None:
@@ -367,6 +387,8 @@ class AutoStrategy(UpdateRule):
         self.travel = float(state["travel"])
         self.decisions = [dict(d) for d in state["decisions"]]
         self._advanced = bool(state["advanced"])
+        self.candidates = [(float(v), p.to(self.dtype).clone()) for v, p in
+                           zip(state["candidate_scores"].tolist(), state["candidate_points"])]
         self.local, self.es = None, None
         if "local" in state:
             scheme = self.local_scheme
