@@ -150,10 +150,11 @@ def test_a_non_finite_loss_at_x0_is_an_error_naming_it():
 
 
 # ------------------------------------------------------------------------------------------------- resume
-@pytest.mark.parametrize("fun, x0, budget", [(rosen, np.zeros(4), 900), (_rastrigin, 3.3 * np.ones(3), 1500),
-                                             (_pseudo_noisy, 2 * np.ones(3), 1500)],
-                         ids=["rosen-local", "rastrigin-global", "noisy-global"])
-def test_resume_from_any_point_is_exact(fun, x0, budget):
+@pytest.mark.parametrize("fun, x0, budget, kwargs", [
+    (rosen, np.zeros(4), 900, {}), (_rastrigin, 3.3 * np.ones(3), 1500, {}),
+    (_rastrigin, 3.3 * np.ones(3), 1500, {"bounds": (-4.0, 5.0)}), (_pseudo_noisy, 2 * np.ones(3), 1500, {})],
+    ids=["rosen-local", "rastrigin-global", "rastrigin-bounded", "noisy-global"])
+def test_resume_from_any_point_is_exact(fun, x0, budget, kwargs):
     def drive(s, steps=None):
         n = 0
         while not s.done and (steps is None or n < steps):
@@ -161,15 +162,15 @@ def test_resume_from_any_point_is_exact(fun, x0, budget):
             n += 1
         return s
 
-    reference = drive(AskTell(x0, budget=budget)).result()
+    reference = drive(AskTell(x0, budget=budget, **kwargs)).result()
     assert "global" in _phases(reference) or fun is rosen
     assert reference.strategy["noise"]["noisy"] is (fun is _pseudo_noisy)
     for cut in (1, 2, 7, 40, 120, 300):
-        s = drive(AskTell(x0, budget=budget), cut)
+        s = drive(AskTell(x0, budget=budget, **kwargs), cut)
         buf = io.BytesIO()
         torch.save(s.state_dict(), buf)
         state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-        resumed = drive(AskTell.from_state_dict(state)).result()
+        resumed = drive(AskTell.from_state_dict(state, **kwargs)).result()
         assert np.array_equal(resumed.x, reference.x), cut
         assert (resumed.nfev, resumed.nit, resumed.fun) == (reference.nfev, reference.nit, reference.fun), cut
         assert resumed.strategy == reference.strategy
@@ -187,6 +188,13 @@ def test_a_tampered_cma_state_is_refused():
 
     with pytest.raises(CheckpointError, match="builtins.print"):
         _load_cma(pickle.dumps(Evil()))
+
+    class NumpyLoad:  # a numpy function that would unpickle a file of the attacker's choosing
+        def __reduce__(self):
+            return (np.load, ("/tmp/x.npy", None, True))
+
+    with pytest.raises(CheckpointError, match="numpy.load"):
+        _load_cma(pickle.dumps(NumpyLoad()))
 
 
 # ------------------------------------------------------------------------------------------------- bounds

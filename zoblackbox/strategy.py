@@ -264,8 +264,8 @@ class AutoStrategy(UpdateRule):
                               "differences resolve the gradient to eps^(2/3) instead of eps^(1/2)")
             return
         if engine.budget is None:
-            raise Stop(f"converged ({reason}); no budget was given for a global phase")
-        self._start_cma(engine, f"the local search converged ({reason}) with {engine.budget - engine.nfev} "
+            raise Stop(f"the local search ended ({reason}); no budget was given for a global phase")
+        self._start_cma(engine, f"the local search ended ({reason}) with {engine.budget - engine.nfev} "
                         "queries left: IPOP-CMA-ES for the rest", sep=False)
 
     # ------------------------------------------------------------------ CMA-ES (pycma)
@@ -414,8 +414,16 @@ _SAFE_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "
                   "bytearray", "slice", "range", "object", "NoneType"}
 
 
+#: the functions (not classes) pycma's pickle refers to: numpy's array, scalar and generator reconstructors and
+#: the eigendecomposition pycma keeps as an option, pycma's own two option callables
+_STATE_FUNCTIONS = {"numpy": {"_reconstruct", "scalar", "_frombuffer", "__randomstate_ctor", "__bit_generator_ctor",
+                              "__generator_ctor", "eigh"},
+                    "cma": {"_pass", "is_feasible"}}
+
+
 class _CMAUnpickler(pickle.Unpickler):
-    """Loads pycma's own pickle of a CMA-ES state and nothing else (a checkpoint is data, not code)."""
+    """Loads pycma's own pickle of a CMA-ES state and nothing else (a checkpoint is data, not code): classes
+    of pycma, numpy and collections, numpy's array/generator reconstructors, copyreg's object protocol."""
 
     def find_class(self, module: str, name: str):
         if module == "builtins" and name == "getattr":  # pycma stores its sampler as a RandomState's method
@@ -423,7 +431,10 @@ class _CMAUnpickler(pickle.Unpickler):
         root = module.split(".")[0]
         if root in ("cma", "numpy", "collections", "copyreg", "_codecs") or (
                 module == "builtins" and name in _SAFE_BUILTINS):
-            return super().find_class(module, name)
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) or root in ("copyreg", "_codecs", "builtins") or (
+                    name in _STATE_FUNCTIONS.get(root, ())):
+                return obj
         raise CheckpointError(f"the CMA-ES state refers to {module}.{name}, which is not part of pycma's state")
 
 
