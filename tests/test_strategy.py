@@ -177,10 +177,10 @@ def test_resume_from_any_point_is_exact(fun, x0, budget, kwargs):
 
 
 def test_a_tampered_cma_state_is_refused():
+    import pickle
+
     from zoblackbox.errors import CheckpointError
     from zoblackbox.strategy import _load_cma
-
-    import pickle
 
     class Evil:
         def __reduce__(self):
@@ -231,7 +231,7 @@ def test_pairs_with_none_are_unbounded_sides():
 
 
 def test_bad_bounds_are_refused_naming_the_value():
-    f = lambda x: float((x * x).sum())  # noqa: E731
+    f = lambda x: float((x * x).sum())
     with pytest.raises(ConfigError, match=r"lower\[1\]=3.0 exceeds upper\[1\]=2.0"):
         minimize(f, np.zeros(3), bounds=[(0, 1), (3, 2), (0, 1)], budget=100)
     with pytest.raises(ConfigError, match="outside the bounds"):
