@@ -79,6 +79,18 @@ def test_smooth_function_local_phase_reaches_machine_precision_like_scipy():
     assert "estimator" in res.strategy["decisions"][1] and "relative=True" in res.strategy["decisions"][1]["estimator"]
 
 
+def test_the_same_defaults_for_plain_vectorized_and_oracle_functions():
+    from zoblackbox import FunctionOracle
+
+    plain = minimize(_rastrigin, 2.2 * np.ones(3), budget=1200)
+    vec = minimize(lambda X: np.array([_rastrigin(x) for x in X]), 2.2 * np.ones(3), budget=1200, vectorized=True)
+    oracle = FunctionOracle(lambda X: torch.tensor([_rastrigin(x.numpy()) for x in X], dtype=torch.float64), 3,
+                            vectorized=True, dtype=torch.float64)
+    orc = minimize(oracle, torch.full((3,), 2.2, dtype=torch.float64), budget=1200)
+    assert np.array_equal(plain.x, vec.x) and np.array_equal(plain.x, np.asarray(orc.x))
+    assert plain.fun == vec.fun == orc.fun and plain.strategy == vec.strategy
+
+
 def test_the_step_follows_the_scale_of_x():
     """A minimum at 1e6 * ones: absolute steps of 1e-8 would be below the resolution of x there."""
     center = 1e6 * np.ones(5)
