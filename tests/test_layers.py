@@ -66,6 +66,7 @@ LAYERS = {
     "zoblackbox.resnet": TORCH,
     "zoblackbox.models": TORCH,
     "zoblackbox.data": TORCH,
+    "zoblackbox.nn": TORCH,
     # 3. schedulers: zoblackbox.schedule and its submodules (PACKAGE_LAYERS)
     # 4. drivers
     "zoblackbox.optim": DRIVERS,
