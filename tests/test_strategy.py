@@ -233,8 +233,25 @@ def test_no_query_leaves_the_bounds_for_any_rule(optimizer, form):
     pts = np.stack(seen)
     assert np.all(pts >= lower) and np.all(pts <= upper), optimizer
     assert np.all(res.x >= lower) and np.all(res.x <= upper)
+    n = len(seen)
+    assert res.fun == f(res.x) and len(seen) == n + 1  # the reported loss is the loss at the returned point
     if optimizer in ("auto", "lbfgs"):
         assert res.x[0] == pytest.approx(0.3) and res.x[1] == pytest.approx(0.5)  # the minimum is on the corner
+
+
+def test_fixed_coordinates_lower_equal_upper():
+    seen = []
+
+    def f(x):
+        seen.append(np.array(x))
+        return _rastrigin(x)
+
+    res = minimize(f, np.array([0.5, 1.0, 2.0]), budget=2000, bounds=[(0.5, 0.5), (-3, 3), (2.0, 2.0)])
+    pts = np.stack(seen)
+    assert np.all(pts[:, 0] == 0.5) and np.all(pts[:, 2] == 2.0) and res.nfev <= 2000
+    assert "global" in _phases(res) and abs(res.x[1]) < 1e-6
+    everything_fixed = minimize(f, np.zeros(3), budget=100, bounds=(0.0, 0.0))
+    assert np.array_equal(everything_fixed.x, np.zeros(3))
 
 
 def test_pairs_with_none_are_unbounded_sides():

@@ -138,7 +138,8 @@ def cmd_minimize(args) -> int:
         args.json.write_text(json.dumps({"x": res.x.tolist(), "fun": res.fun, "nfev": res.nfev, "nit": res.nit,
                                          "success": res.success, "message": res.message,
                                          "failures": res.failures,
-                                         **({"strategy": res.strategy} if "strategy" in res else {})}, indent=2))
+                                         **({"strategy": res.strategy} if getattr(res, "strategy", None) else {})},
+                                        indent=2))
     if fail_nonfinite({"fun": res.fun}, "the program returned non-finite losses (see --on-failure) or the steps "
                       "diverged (try a smaller --lr)"):
         return 1

@@ -204,9 +204,9 @@ class AutoStrategy(UpdateRule):
         m = PROBE_POINTS
         ts = [i - m // 2 for i in range(m + 1) if i != m // 2]
         directions = torch.stack([t * p for t in ts]).to(self.dtype)
-        plan = QueryPlan(base=self.x0, include_base=True, directions=directions)
-        losses = yield engine.bounded(plan)
-        self._track(plan, losses)
+        plan = engine.bounded(QueryPlan(base=self.x0, include_base=True, directions=directions))
+        losses = yield plan
+        self._track(plan, losses)  # the points queried (inside the bounds), not the unclipped line
         values = losses.to(torch.float64).tolist()
         f0 = values[0]
         line = values[1:1 + m // 2] + [f0] + values[1 + m // 2:]
@@ -287,7 +287,11 @@ class AutoStrategy(UpdateRule):
         opts = {"popsize": popsize, "verbose": -9, "seed": math.nan, "randn": self.rs.randn, "CMA_diagonal": self.sep,
                 "maxfevals": math.inf if engine.budget is None else engine.budget - engine.nfev}
         if engine.lower is not None:
-            opts["bounds"] = [engine.lower.to(torch.float64).cpu().numpy(), engine.upper.to(torch.float64).cpu().numpy()]
+            lo = engine.lower.to(torch.float64).cpu().numpy()
+            hi = engine.upper.to(torch.float64).cpu().numpy()
+            free = lo < hi  # pycma refuses lower == upper; a fixed coordinate is held by the engine's clipping
+            if free.any():
+                opts["bounds"] = [np.where(free, lo, -np.inf), np.where(free, hi, np.inf)]
         mean = self.x0.to(torch.float64).cpu().numpy()  # every IPOP run starts from the user's x0 (as pycma's fmin)
         self.medians: list[float] = []
         with contextlib.redirect_stdout(io.StringIO()):
@@ -305,9 +309,9 @@ class AutoStrategy(UpdateRule):
         X = np.asarray(es.ask(), dtype=np.float64)
         n = int(min(len(X), left))
         points = torch.as_tensor(X[:n], dtype=self.dtype, device=self.x0.device)
-        plan = QueryPlan(base=torch.zeros_like(self.x0), include_base=False, directions=points)
-        losses = yield engine.bounded(plan)
-        self._track(plan, losses)
+        plan = engine.bounded(QueryPlan(base=torch.zeros_like(self.x0), include_base=False, directions=points))
+        losses = yield plan
+        self._track(plan, losses)  # the clipped samples that were queried
         self.cma_evals += n
         if n < len(X):
             raise Stop(f"query budget reached ({engine.nfev} of {engine.budget} spent, during a CMA-ES generation)")
