@@ -8,9 +8,9 @@ then certifies the whole pipeline. ``D`` is trained in one of four ways:
 * ``fo-stability`` -- the stability loss ``CE(f(D(x + delta)), f(x))`` with autograd through
   ``f``; needs ``f`` as a white box, so it is the reference (upper bound), not a black-box method.
 * ``zo-ae-ds`` -- ZO-AE-DS (Zhang et al., ICLR 2022): ``D`` and an encoder ``E`` are trained by
-  backprop; the gradient reaching the latent code ``z = E(D(x + delta))`` is a ZO estimate (CGE
-  or RGE) of the stability loss through the frozen decoder and ``f``, taken in the small latent
-  space, and chained in with ``z.backward(zo_grad)``.
+  backprop around a :class:`zoblackbox.nn.BlackBox` of ``f o decoder`` (frozen decoder) at the
+  latent code ``z = E(D(x + delta))``: its backward is a ZO (CGE or RGE) vector-Jacobian product
+  taken in the small latent space, and the stability loss is an ordinary ``loss.backward()``.
 * ``zo-sparse`` -- DeepZero (Chen et al., ICLR 2024): sparse CGE over ``D``'s own parameters,
   layer-wise ratios from ZO-GraSP, a random coordinate mask redrawn every few steps.
 
@@ -18,7 +18,10 @@ then certifies the whole pipeline. ``D`` is trained in one of four ways:
 through; it counts queries (one per image classified). The ZO estimates are the library's own
 estimators (:class:`~zoblackbox.estimators.CoordinateEstimator`,
 :class:`~zoblackbox.estimators.RandomEstimator`) over :class:`~zoblackbox.oracle.Oracle`
-subclasses, so budgets and failure policies (non-finite logits) are those of every oracle.
+subclasses (ZO-AE-DS: the :class:`~zoblackbox.nn.VectorOracle` of its BlackBox), so budgets and
+failure policies (non-finite logits) are those of every oracle. :class:`LatentOracle` and
+:func:`latent_zo_gradient` (per-image scalar-loss ZO gradients at a latent code) are kept for
+compatibility; ``train_zo_ae_ds`` no longer uses them.
 
 The digits recipe that trains every pipeline from these trainers (``DenoisingRecipe``,
 ``build_pipelines``, ``PIPELINES``) is in ``zoblackbox.recipes``, a layer above the adapters.
@@ -39,6 +42,7 @@ from torch.func import functional_call, vmap
 from zoblackbox.engine import AskTell
 from zoblackbox.errors import BudgetExhaustedError, ConfigError, OracleError
 from zoblackbox.estimators import CoordinateEstimator, Estimator, RandomEstimator
+from zoblackbox.nn import BlackBox
 from zoblackbox.oracle import Oracle, RawResult
 from zoblackbox.params import ParamLayout
 from zoblackbox.result import ZOResult
@@ -555,29 +559,52 @@ def train_zo_ae_ds(denoiser: nn.Module, encoder: nn.Module, decoder: nn.Module, 
                    images: torch.Tensor, *, sigma: float, latent_dim: int, estimator: Estimator | None = None,
                    epochs: int = 30, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                    mse_weight: float = 0.0, on_failure="skip", budget: int | None = None) -> TrainingReport:
-    """ZO-AE-DS: train ``denoiser`` and ``encoder`` by backprop with a ZO gradient at the latent code.
+    """ZO-AE-DS: train ``denoiser`` and ``encoder`` by backprop around a black box at the latent code.
 
-    Per step: ``z = encoder(denoiser(x + delta))`` with autograd; the gradient of the stability loss
-    ``CE(f(decoder(z_i)), f(x_i))`` w.r.t. every ``z_i`` is estimated from queries only
-    (:func:`latent_zo_gradient`) and chained in with ``z.backward(grad / B)``. The decoder is frozen
-    (it is white box, so ``mse_weight > 0`` adds ``||decoder(z) - x||^2`` by autograd). The
-    certified pipeline is ``f(decoder(encoder(denoiser(x))))``.
+    Per step: ``z = encoder(denoiser(x + delta))`` with autograd, then
+    ``logits = BlackBox(f o decoder, n=latent_dim, m=num_classes, estimator)(z)`` (:class:`zoblackbox.nn.BlackBox`)
+    and ``loss = CE(logits, f(x))`` (mean over the batch), ``loss.backward()``: ordinary backprop, whose
+    vector-Jacobian product through the black box is the ZO estimate of the Jacobian of
+    ``f(decoder(z_i))`` w.r.t. every ``z_i``, from queries only. The decoder is frozen and called inside
+    the black box (under ``torch.no_grad()``; its autograd is not used there); it is white box, so
+    ``mse_weight > 0`` adds ``||decoder(z) - x||^2`` by autograd. The certified pipeline is
+    ``f(decoder(encoder(denoiser(x))))``.
 
     Args:
-        estimator: default central CGE (``2 * latent_dim`` queries per image and step); an RGE with
-            ``q = 2 * latent_dim - 1`` costs the same (``q + 1``).
-        on_failure: the oracle's failure policy for non-finite logits (default ``"skip"``: the
-            failed queries drop out of the finite differences).
+        estimator: the BlackBox's estimator; default central CGE with ``mu = 0.05``: ``2 * latent_dim + 1``
+            queries per image and step (the ``+ 1`` is ``f(decoder(z_i))`` itself, which the loss needs;
+            before the BlackBox refactor the ZO gradient of the scalar loss cost ``2 * latent_dim``). An
+            RGE with ``q = 2 * latent_dim - 1`` costs ``q + 1 = 2 * latent_dim`` (antithetic: ``2 q + 1``).
+        on_failure: the black box's failure policy for non-finite logits (default ``"skip"``: failed
+            perturbed rows drop out of the finite differences; an image whose unperturbed row
+            ``f(decoder(z_i))`` failed drops out of the step's loss, which is still divided by the whole
+            batch size).
         budget: most queries of ``f`` for the ZO steps (the labels ``f(x)`` of the training images
-            are queried once before; they are counted in the report but not in this budget).
+            are queried once before; they are counted in the report but not in this budget). A step
+            that would overrun it is refused before anything is queried
+            (:class:`~zoblackbox.errors.BudgetExhaustedError`); a budget below the cost of one image's
+            gradient is a :class:`~zoblackbox.errors.ConfigError` up front.
+
+    Returns:
+        A :class:`TrainingReport`: ``queries`` (images classified by ``f``, labels included),
+        ``oracle_queries`` (rows of the black box), ``failures`` (its failure report), and per epoch
+        the mean loss ``CE(f(decoder(z_i)), f(x_i))`` of the images that answered.
     """
     images = _check_images(images)
     sigma = check_sigma(sigma)
     _check_training(epochs, batch_size, lr)
+    if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+        raise ConfigError(f"latent_dim must be an int >= 1, got {latent_dim!r}")
     estimator = CoordinateEstimator(mu=0.05, scheme="central") if estimator is None else estimator
     if not isinstance(estimator, (CoordinateEstimator, RandomEstimator)):
         raise TypeError(f"estimator must be a CoordinateEstimator or RandomEstimator, got {estimator!r}")
-    oracle = LatentOracle(decoder, blackbox, latent_dim, budget=budget, on_failure=on_failure)
+
+    def classify_decoded(Z: torch.Tensor) -> torch.Tensor:  # f o decoder: (K, latent_dim) -> (K, num_classes)
+        with _eval_mode(decoder):
+            return blackbox.logits(decoder(Z))
+
+    box = BlackBox(classify_decoded, n=latent_dim, m=blackbox.num_classes, estimator=estimator, budget=budget,
+                   on_failure=on_failure)
     report = TrainingReport("zo-ae-ds", info={"sigma": sigma, "estimator": repr(estimator), "latent_dim": latent_dim,
                                               "mse_weight": mse_weight})
     q0 = blackbox.queries
@@ -595,14 +622,16 @@ def train_zo_ae_ds(denoiser: nn.Module, encoder: nn.Module, decoder: nn.Module, 
             if z.shape != (x.shape[0], latent_dim):
                 raise ConfigError(f"the encoder must return latent codes of shape (B, {latent_dim}), got "
                                   f"{tuple(z.shape)}")
-            oracle.set_targets(targets[idx])
-            grad, info = latent_zo_gradient(oracle, estimator, z)
-            surrogate = (z * grad).sum() / x.shape[0]  # its gradient w.r.t. z is the ZO estimate / B
+            logits = box(z)  # one call of f o decoder; the backward is the black box's ZO VJP
+            ok = torch.isfinite(logits).all(dim=1)  # "skip"/"inf": a failed f(decoder(z_i)) drops image i
+            n_ok = int(ok.sum())
+            loss = F.cross_entropy(logits[ok].double(), targets[idx][ok], reduction="sum") / x.shape[0]
+            mean_loss = float(loss.detach()) * x.shape[0] / n_ok if n_ok else math.nan
             if mse_weight:
                 with _eval_mode(decoder):
-                    surrogate = surrogate + mse_weight * F.mse_loss(decoder(z), x)
-            surrogate.backward()
-            return info["mean_loss"]
+                    loss = loss + mse_weight * F.mse_loss(decoder(z), x)
+            loss.backward()
+            return mean_loss
 
         params = list(denoiser.parameters()) + list(encoder.parameters())
         _run_epochs(images, epochs, batch_size, seed, step, params, lr, report)
@@ -610,8 +639,8 @@ def train_zo_ae_ds(denoiser: nn.Module, encoder: nn.Module, decoder: nn.Module, 
         for p, flag in frozen:
             p.requires_grad_(flag)
     report.queries = blackbox.queries - q0
-    report.oracle_queries = oracle.nfev
-    report.failures = oracle.failure_report()
+    report.oracle_queries = box.oracle.nfev
+    report.failures = box.oracle.failure_report()
     return report
 
 
