@@ -188,6 +188,22 @@ def test_resume_from_any_point_is_exact(fun, x0, budget, kwargs):
         assert resumed.strategy == reference.strategy
 
 
+def test_resume_keeps_an_explicit_strategy_seed():
+    def run(s, steps=None):
+        n = 0
+        while not s.done and (steps is None or n < steps):
+            s.tell([_rastrigin(x) for x in s.ask()])
+            n += 1
+        return s
+
+    reference = run(AskTell(3.3 * np.ones(3), budget=1500, optimizer=AutoStrategy(seed=5))).result()
+    other_seed = run(AskTell(3.3 * np.ones(3), budget=1500)).result()
+    assert not np.array_equal(reference.x, other_seed.x)  # the seed matters, so the check below can fail
+    s = run(AskTell(3.3 * np.ones(3), budget=1500, optimizer=AutoStrategy(seed=5)), 3)  # before CMA-ES starts
+    resumed = run(AskTell.from_state_dict(s.state_dict())).result()
+    assert np.array_equal(resumed.x, reference.x) and resumed.nfev == reference.nfev
+
+
 def test_a_tampered_cma_state_is_refused():
     import pickle
 

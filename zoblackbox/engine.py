@@ -744,7 +744,6 @@ class AskTell:
         clipped = torch.maximum(torch.minimum(xc + offsets, upper[c]), lower[c]) - xc
         return QueryPlan(base=base, include_base=plan.include_base, coords=c, offsets=clipped)
 
-    _bounded = bounded
 
     def _failure_report(self) -> dict:
         if self._views is not None:
@@ -936,8 +935,8 @@ def _rebuild_kwargs(config: dict, state: Mapping) -> dict:
         kwargs["lr"] = rule["lr"]
     elif rule.get("rule") == "LBFGSRule":
         kwargs["optimizer"], kwargs["lr"], kwargs["optimizer_kwargs"] = "lbfgs", rule["lr"], rule["options"]
-    elif rule.get("rule") == "AutoStrategy":
-        kwargs["optimizer"] = "auto"
+    elif rule.get("rule") == "AutoStrategy":  # its own seed, when it was given one, drives the probe and CMA-ES
+        kwargs["optimizer"] = "auto" if rule.get("seed") is None else AutoStrategy(seed=rule["seed"])
     elif rule.get("rule") == "ClosureRule":
         kwargs["optimizer"] = _optimizer_from_name(rule["optimizer"])
         kwargs["lr"] = rule["lr"]
