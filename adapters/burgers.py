@@ -149,6 +149,7 @@ class BurgersConfig:
     steps: int = 200
     diffusion: str = "fourier"
     substeps: int = 1
+    ref_substeps: int = 1
     init_amplitude: float = 1.0
     forcing_modes: int = 4
     forcing_amplitude: float = 0.15
@@ -157,7 +158,7 @@ class BurgersConfig:
     max_cfl: float = 1.0
 
     def __post_init__(self):
-        for name in ("n_ref", "n_src", "steps", "forcing_modes", "max_wavenumber", "substeps"):
+        for name in ("n_ref", "n_src", "steps", "forcing_modes", "max_wavenumber", "substeps", "ref_substeps"):
             _positive(name, getattr(self, name), integer=True)
         _positive("warmup", self.warmup, integer=True, allow_zero=True)
         for name in ("length", "dt", "max_cfl"):
@@ -176,8 +177,9 @@ class BurgersConfig:
         """The source (``"source"``) or reference (``"reference"``) solver."""
         if resolution not in ("source", "reference"):
             raise ConfigError(f"resolution must be 'source' or 'reference', got {resolution!r}")
-        n = self.n_src if resolution == "source" else self.n_ref
-        return Burgers1D(n, self.length, self.nu, self.dt, self.diffusion, self.substeps)
+        if resolution == "source":
+            return Burgers1D(self.n_src, self.length, self.nu, self.dt, self.diffusion, self.substeps)
+        return Burgers1D(self.n_ref, self.length, self.nu, self.dt, self.diffusion, self.substeps * self.ref_substeps)
 
 
 def downsample_1d(values: torch.Tensor, factor: int) -> torch.Tensor:

@@ -68,7 +68,9 @@ __all__ = [
     "rollout",
     "rollout_mae",
     "semi_lagrangian_1d",
+    "solver_blackbox",
     "train_fo_sol",
+    "train_hybrid_sol",
     "train_non",
     "train_zo_sol",
 ]
@@ -464,10 +466,12 @@ class SolverInTheLoopOracle(Oracle):
         return self.net.get_params().to(self.dtype)
 
     # ------------------------------------------------------------------ the loss
-    def losses(self, X: torch.Tensor, *, autodiff: bool = False) -> torch.Tensor:
+    def losses(self, X: torch.Tensor, *, autodiff: bool = False, step_fn=None) -> torch.Tensor:
         """The loss of each row of ``X`` (``(K, dim)``), one batched solver call per unrolled step.
 
-        With ``autodiff=True`` gradients flow through the solver and the network (FO-SOL)."""
+        With ``autodiff=True`` gradients flow through the solver and the network (FO-SOL).
+        ``step_fn(state, aux)`` replaces the solver step (HYBRID-SOL passes the solver wrapped as a
+        :class:`~zoblackbox.nn.BlackBox`, so gradients reach the network through its estimated VJPs)."""
         data, sims, starts = self.data, self.sims, self.starts
         K, N = int(X.shape[0]), int(sims.shape[0])
         s = data.states[sims, starts].unsqueeze(0).expand(K, *([-1] * (data.states.dim() - 1)))
@@ -476,7 +480,7 @@ class SolverInTheLoopOracle(Oracle):
         for j in range(self.unroll):
             aux = data.aux_at(sims, starts + j)
             aux_k = None if aux is None else aux.unsqueeze(0).expand(K, *aux.shape).reshape(K * N, *aux.shape[1:])
-            s = self.step(s, aux_k, autodiff=autodiff)
+            s = self.step(s, aux_k, autodiff=autodiff) if step_fn is None else step_fn(s, aux_k)
             s = s + _correction(self.step, self.net, X, s, aux_k, K)
             ref = data.states[sims, starts + j + 1]
             err = (s.reshape(K, N, -1) - ref.reshape(1, N, -1)).pow(2).mean(dim=2)  # (K, N)
@@ -689,3 +693,84 @@ def train_zo_sol(oracle: SolverInTheLoopOracle, *, estimator: Estimator | None =
             break
     return TrainResult(engine.x, engine.nit, oracle.nfev - nfev0, oracle.step.calls - calls0,
                        oracle.step.rows - rows0, time.perf_counter() - t0, history, oracle.failure_report())
+
+
+# --------------------------------------------------------------------------- HYBRID-SOL
+class _SolverRows:
+    """The solver step as a function of flat rows, for :class:`~zoblackbox.nn.BlackBox`:
+    ``(K, state size)`` states and ``(K, aux size)`` auxiliary inputs -> ``(K, state size)``."""
+
+    def __init__(self, step: PhiFlowStep):
+        self.step = step
+
+    def __call__(self, X: torch.Tensor, C: torch.Tensor | None = None) -> torch.Tensor:
+        sc = self.step.scenario
+        K = int(X.shape[0])
+        aux = None if sc.aux_shape is None else C.reshape(K, *sc.aux_shape)
+        return self.step(X.reshape(K, *sc.state_shape), aux).reshape(K, -1)
+
+    def __repr__(self) -> str:
+        return f"solver step {self.step.scenario!r}"
+
+
+def solver_blackbox(step: PhiFlowStep, estimator=None, **kwargs):
+    """The solver step as a :class:`~zoblackbox.nn.BlackBox`: ``n = m =`` the state's size, the
+    auxiliary input (forcing, masks) as its non-differentiated ``context``.
+
+    ``box(s.flatten(1), aux.flatten(1))`` is one solver step of the ``B`` rows; with a gradient to
+    compute it also evaluates the finite-difference rows of ``estimator`` in the same solver call
+    (``B (n + 1)`` rows for forward CGE, ``B (q + 1)`` for RGE), and the backward returns their
+    vector-Jacobian products. ``kwargs`` go to the BlackBox (``budget``, ``on_failure``, ``scheduler``).
+    """
+    from zoblackbox.nn import BlackBox
+
+    sc = step.scenario
+    n = math.prod(sc.state_shape)
+    c = 0 if sc.aux_shape is None else math.prod(sc.aux_shape)
+    return BlackBox(_SolverRows(step), n=n, m=n, estimator=estimator, context=c, **kwargs)
+
+
+def train_hybrid_sol(oracle: SolverInTheLoopOracle, *, estimator=None, x0: torch.Tensor | None = None,
+                     steps: int = 300, lr: float = 1e-3, lr_schedule: str = "cosine", budget: int | None = None,
+                     log_every: int = 50) -> TrainResult:
+    """HYBRID-SOL: backprop through the correction network, the solver step as a black box.
+
+    The same unrolled loss, minibatches and Adam steps as :func:`train_fo_sol`, but every solver
+    step of the rollout is :func:`solver_blackbox`: its Jacobian with respect to the state is
+    estimated from solver queries (forward CGE over the state by default, ``n + 1`` rows per
+    rolled-out row) while everything around it -- the network, the loss -- is ordinary autograd.
+    The solver's own autograd is never used. It queries the solver ``n + 1`` times per row and step
+    where ZO-SOL queries it ``d + 1`` times (``d`` network parameters).
+
+    Args:
+        estimator: the black box's estimator; default forward CGE with ``mu = DEFAULT_MU``
+            (float64, like ZO-SOL's). For a large state use a ``RandomEstimator`` (``q + 1`` rows).
+        budget: solver rows the black box may query (refused before a rollout that would overrun it).
+
+    Returns:
+        A :class:`TrainResult`; ``queries`` counts the black box's rows (= ``solver_rows`` minus
+        nothing: every solver row of the training is a black-box query).
+    """
+    _check_training(steps, lr, lr_schedule)
+    estimator = CoordinateEstimator(mu=DEFAULT_MU, scheme="forward") if estimator is None else estimator
+    box = solver_blackbox(oracle.step, estimator, budget=budget, on_failure="raise")
+    t0, calls0, rows0 = time.perf_counter(), oracle.step.calls, oracle.step.rows
+    engine = _adam(oracle.get_params() if x0 is None else x0, lr, lr_schedule, steps)
+
+    def step_fn(s, aux):
+        out = box(s.reshape(s.shape[0], -1), None if aux is None else aux.reshape(aux.shape[0], -1))
+        return out.reshape(s.shape)
+
+    history = []
+    for it in range(steps):
+        oracle.sample_batch()
+        param = engine.x.requires_grad_(True)
+        loss = oracle.losses(param[None].to(oracle.dtype), step_fn=step_fn)[0]
+        (grad,) = torch.autograd.grad(loss, param)
+        if not torch.isfinite(grad).all():
+            raise ConfigError(f"HYBRID-SOL gradient is non-finite at step {it} (loss {float(loss)}); lower lr={lr}")
+        engine.step_gradient(grad, float(loss.detach()))
+        if it % log_every == 0 or it == steps - 1:
+            history.append({"step": it, "loss": float(loss.detach()), "queries": box.oracle.nfev})
+    return TrainResult(engine.x, steps, box.oracle.nfev, oracle.step.calls - calls0, oracle.step.rows - rows0,
+                       time.perf_counter() - t0, history)

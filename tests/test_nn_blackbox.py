@@ -389,3 +389,80 @@ def test_vector_oracle_on_its_own():
 def test_module_docstring_example_runs():
     failures, tried = doctest.testmod(zonn, optionflags=doctest.ELLIPSIS)
     assert tried > 0 and failures == 0
+
+
+# ----------------------------------------------------------------------------------------- context
+def _with_context(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """R^4 x R^2 -> R^2: the context scales and shifts the smooth function."""
+    return smooth(X) * C[:, :1] + C[:, 1:] * X[:, :1]
+
+
+@pytest.mark.parametrize("estimator", [None, CoordinateEstimator(mu=1e-7, scheme="forward")])
+def test_context_is_passed_unperturbed_and_gets_no_gradient(estimator):
+    seen = []
+
+    def f(X, C):
+        seen.append((X.clone(), C.clone()))
+        with torch.no_grad():
+            return _with_context(X, C)
+
+    box = BlackBox(f, n=N, m=M, estimator=estimator, context=2)
+    x = torch.randn(3, N, dtype=torch.float64, requires_grad=True)
+    ctx = torch.tensor([[1.0, 0.5], [2.0, -1.0], [0.5, 3.0]], dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, M, dtype=torch.float64)
+    (box(x, ctx) * w).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    (_with_context(x_ref, ctx.detach()) * w).sum().backward()
+    rtol = 1e-6 if estimator is None else 1e-5
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=rtol, atol=rtol)
+    assert ctx.grad is None  # the context is data, not an input
+    (X, C), = seen  # one call of B (2n + 1) or B (n + 1) rows, each block with its row's context
+    per_row = box.num_queries(1)
+    assert X.shape == (3 * per_row, N) and C.shape == (3 * per_row, 2)
+    assert torch.equal(C, ctx.detach().repeat_interleave(per_row, dim=0))
+    assert box.oracle.nfev == 3 * per_row and box.oracle.dim == N + 2 and box.n == N
+
+
+def test_context_without_gradient_and_with_leading_dims():
+    box = BlackBox(lambda X, C: _with_context(X, C), n=N, m=M, context=2)
+    x, ctx = torch.randn(2, 3, N, dtype=torch.float64), torch.rand(2, 3, 2, dtype=torch.float64)
+    y = box(x, ctx)
+    torch.testing.assert_close(y, _with_context(x.reshape(-1, N), ctx.reshape(-1, 2)).reshape(2, 3, M))
+    assert box.oracle.nfev == 6
+
+
+def test_context_oracle_receives_concatenated_rows():
+    oracle = VectorFunctionOracle(lambda Z: _with_context(Z[:, :N], Z[:, N:]), N + 2, M)
+    box = BlackBox(oracle, n=N, context=2)
+    x = torch.randn(2, N, dtype=torch.float64, requires_grad=True)
+    ctx = torch.rand(2, 2, dtype=torch.float64)
+    box(x, ctx).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    _with_context(x_ref, ctx).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"n=5 disagrees with the oracle .*dim - context = 6 - 2"):
+        BlackBox(oracle, n=5, context=2)
+    with pytest.raises(ConfigError, match="leaves no input beside context=6"):
+        BlackBox(oracle, context=6)
+
+
+def test_bad_context_is_refused_before_any_query():
+    box = BlackBox(lambda X, C: _with_context(X, C), n=N, m=M, context=2)
+    x = torch.randn(3, N, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ConfigError, match=r"needs a context of shape \(\.\.\., 2\)"):
+        box(x)
+    with pytest.raises(ConfigError, match=r"context must have shape \(3, 2\).*got \(3, 3\)"):
+        box(x, torch.zeros(3, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="context must be a torch.Tensor"):
+        box(x, [[0.0, 1.0]] * 3)
+    bad = torch.zeros(3, 2, dtype=torch.float64)
+    bad[1, 1] = float("nan")
+    with pytest.raises(ConfigError, match=r"context must be finite: row 1, entry 1 is nan"):
+        box(x, bad)
+    plain = BlackBox(smooth, n=N, m=M)
+    with pytest.raises(ConfigError, match="takes no context"):
+        plain(x, torch.zeros(3, 2, dtype=torch.float64))
+    for bad_width in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="context must be a non-negative int"):
+            BlackBox(smooth, n=N, m=M, context=bad_width)
+    assert box.oracle.nfev == 0 and plain.oracle.nfev == 0

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("phi", reason="the pde extra (phiflow) is not installed")
 
-from zoblackbox import CoordinateEstimator, OracleError, RandomEstimator
+from zoblackbox import BudgetExhaustedError, CoordinateEstimator, OracleError, RandomEstimator
 from zoblackbox.adapters.burgers import Burgers1D, BurgersConfig, burgers_datasets
 from zoblackbox.adapters.phiflow import (
     DEFAULT_MU,
@@ -22,6 +22,8 @@ from zoblackbox.adapters.phiflow import (
     require_phiflow,
     rollout_mae,
     semi_lagrangian_1d,
+    solver_blackbox,
+    train_hybrid_sol,
     train_non,
     train_zo_sol,
 )
@@ -267,6 +269,43 @@ def test_zo_sol_counts_queries_and_solver_calls_and_respects_budgets(burgers):
         train_zo_sol(oracle, steps=1, budget=5)
     mae, curve = rollout_mae(step, net, res.params, test)
     assert curve.shape == (24,) and math.isfinite(mae)
+
+
+def test_hybrid_sol_gradient_matches_autograd_through_phiflow_without_using_it(burgers, monkeypatch):
+    """HYBRID-SOL: backprop through the network, the solver step a BlackBox (forward CGE over the
+    32-cell state, mu = 1e-6, float64). Its gradient equals FO-SOL's autograd gradient through
+    PhiFlow to 1e-5 relative, and the solver is never asked for autodiff."""
+    step, train, _ = burgers
+    net = _net()
+    oracle = SolverInTheLoopOracle(step, net, train, unroll=4, batch_size=2, seed=0)
+    p = net.get_params().to(torch.float64).requires_grad_(True)
+    (g_fo,) = torch.autograd.grad(oracle.losses(p[None], autodiff=True)[0], p)
+    box = solver_blackbox(step, default_estimator())
+    assert (box.n, box.m, box.context) == (32, 32, 32)
+    modes = []
+    original = PhiFlowStep.__call__
+
+    def spy(self, state, aux=None, *, autodiff=False):
+        modes.append((autodiff, torch.is_grad_enabled()))
+        return original(self, state, aux, autodiff=autodiff)
+
+    monkeypatch.setattr(PhiFlowStep, "__call__", spy)
+    rows0 = step.rows
+
+    def through_box(s, aux):
+        return box(s.reshape(s.shape[0], -1), aux.reshape(aux.shape[0], -1)).reshape(s.shape)
+
+    (g_h,) = torch.autograd.grad(oracle.losses(p[None], step_fn=through_box)[0], p)
+    assert float((g_h - g_fo).norm() / g_fo.norm()) < 1e-5
+    # the first unrolled step starts from data (no gradient: 2 rows); the other 3 need the Jacobian: 2 (32 + 1) rows
+    assert box.oracle.nfev == step.rows - rows0 == 2 + 3 * 2 * 33
+    assert modes and not any(autodiff for autodiff, _ in modes)
+    monkeypatch.setattr(PhiFlowStep, "__call__", original)
+    res = train_hybrid_sol(oracle, steps=3, lr=1e-3)
+    assert res.steps == 3 and res.queries == res.solver_rows == 3 * (2 + 3 * 2 * 33) and res.solver_calls == 12
+    assert not torch.equal(res.params, net.get_params().to(torch.float64))
+    with pytest.raises(BudgetExhaustedError, match="nothing was queried"):
+        train_hybrid_sol(oracle, steps=3, lr=1e-3, budget=100)
 
 
 def test_simulation_set_checks_shapes():

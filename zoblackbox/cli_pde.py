@@ -8,9 +8,12 @@ simulations against the downsampled reference:
 * ``non`` -- the network trained on precomputed one-step pairs (no solver in the loop);
 * ``fo-sol`` -- trained on the loss of ``unroll`` corrected solver steps, autograd through PhiFlow;
 * ``zo-sol`` -- the same loss, CGE through the black-box solver (forward, ``mu = 1e-6``);
-* ``rge-sol`` -- the same loss, RGE at the same query budget as ``zo-sol``.
+* ``rge-sol`` -- the same loss, RGE at the same query budget as ``zo-sol``;
+* ``hybrid-sol`` -- the same loss, backprop through the network with the solver step as a
+  :class:`~zoblackbox.nn.BlackBox` (its Jacobian estimated from solver queries, forward CGE over
+  the state or RGE: ``Recipe.hybrid_q``).
 
-``fo-sol``, ``zo-sol`` and ``rge-sol`` start from NON's parameters (``--warm-start non``, the
+``fo-sol``, ``zo-sol``, ``rge-sol`` and ``hybrid-sol`` start from NON's parameters (``--warm-start non``, the
 default) and then take the same number of steps on the same minibatches; only the gradient
 differs. The recipes (:data:`RECIPES`, defined in :mod:`zoblackbox.recipes` and importable from
 here) were tuned on training simulations only.
@@ -33,7 +36,7 @@ from .recipes import RECIPES, Recipe
 __all__ = ["METHODS", "RECIPES", "SCENARIOS", "Problem", "Recipe", "cmd_pde", "make_problem", "register",
            "run_methods"]
 
-METHODS = ("src", "non", "fo-sol", "zo-sol", "rge-sol")
+METHODS = ("src", "non", "fo-sol", "zo-sol", "rge-sol", "hybrid-sol")
 SCENARIOS = ("burgers1d", "wake2d")
 
 
@@ -60,27 +63,47 @@ class Problem:
 
 def make_problem(scenario: str = "burgers1d", *, n_train: int | None = None, n_test: int | None = None,
                  data_seed: int = 0, sim_steps: int | None = None, warmup: int | None = None,
-                 factor: int | None = None) -> Problem:
-    """Generate a scenario's simulations locally and wrap its source solver as a black box."""
+                 factor: int | None = None, config: dict | None = None) -> Problem:
+    """Generate a scenario's simulations locally and wrap its source solver as a black box.
+
+    ``config``: the scenario's settings (``RECIPES[scenario].scenario_config``: fields of
+    ``BurgersConfig``/``WakeConfig`` and ``n_train``/``n_test``); the keyword arguments override it.
+    Without it the configs' own defaults apply (10/5 Burgers and 4/2 wake simulations)."""
     from .adapters.phiflow import PhiFlowStep
 
+    if scenario not in SCENARIOS:
+        raise ConfigError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
+    kw = dict(config or {})
+    n_train = n_train or kw.pop("n_train", None) or (10 if scenario == "burgers1d" else 4)
+    n_test = n_test or kw.pop("n_test", None) or (5 if scenario == "burgers1d" else 2)
+    kw.pop("n_train", None), kw.pop("n_test", None)
+    kw.update({k: v for k, v in (("steps", sim_steps), ("warmup", warmup)) if v is not None})
     if scenario == "burgers1d":
         from .adapters.burgers import BurgersConfig, burgers_datasets
 
-        kw = {k: v for k, v in (("steps", sim_steps), ("warmup", warmup)) if v is not None}
         if factor is not None:
-            kw["n_ref"] = BurgersConfig().n_src * factor
-        config = BurgersConfig(**kw)
-        train, test = burgers_datasets(config, n_train=n_train or 10, n_test=n_test or 5, seed=data_seed)
-    elif scenario == "wake2d":
+            kw["n_ref"] = kw.get("n_src", BurgersConfig().n_src) * factor
+        config_obj = _config(BurgersConfig, kw, scenario)
+        train, test = burgers_datasets(config_obj, n_train=n_train, n_test=n_test, seed=data_seed)
+    else:
         from .adapters.wake import WakeConfig, wake_datasets
 
-        kw = {k: v for k, v in (("steps", sim_steps), ("warmup", warmup), ("factor", factor)) if v is not None}
-        config = WakeConfig(**kw)
-        train, test = wake_datasets(config, n_train=n_train or 4, n_test=n_test or 2, seed=data_seed)
-    else:
-        raise ConfigError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
+        if factor is not None:
+            kw["factor"] = factor
+        config_obj = _config(WakeConfig, kw, scenario)
+        train, test = wake_datasets(config_obj, n_train=n_train, n_test=n_test, seed=data_seed)
+    config = config_obj
     return Problem(scenario, PhiFlowStep(config.solver("source")), train, test, asdict(config))
+
+
+def _config(cls, kw: dict, scenario: str):
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kw) - known)
+    if unknown:
+        raise ConfigError(f"unknown {scenario} setting(s) {unknown}; {cls.__name__} has {sorted(known)}")
+    return cls(**kw)
 
 
 def run_methods(problem: Problem, methods, recipe: Recipe, seed: int = 0, *, log=print) -> dict:
@@ -90,7 +113,14 @@ def run_methods(problem: Problem, methods, recipe: Recipe, seed: int = 0, *, log
     (per rollout step), ``queries``, ``solver_calls``, ``solver_rows``, ``train_wall_s``, ``steps``
     and ``failures`` (the oracle's report; ZO methods).
     """
-    from .adapters.phiflow import SolverInTheLoopOracle, rollout_mae, train_fo_sol, train_non, train_zo_sol
+    from .adapters.phiflow import (
+        SolverInTheLoopOracle,
+        rollout_mae,
+        train_fo_sol,
+        train_hybrid_sol,
+        train_non,
+        train_zo_sol,
+    )
     from .estimators import CoordinateEstimator, RandomEstimator
 
     unknown = [m for m in methods if m not in METHODS]
@@ -114,7 +144,7 @@ def run_methods(problem: Problem, methods, recipe: Recipe, seed: int = 0, *, log
                        final_loss=res.history[-1]["loss"] if res.history else None)
         row.update(extra or {})
         out[name] = row
-        log(f"  seed {seed} {name:<8} test MAE {mae:.4f}  queries {row['queries']:>9,}  solver calls "
+        log(f"  seed {seed} {name:<10} test MAE {mae:.4f}  queries {row['queries']:>9,}  solver calls "
             f"{row['solver_calls']:>6,}  train {row['train_wall_s']:.1f}s")
 
     if "src" in methods:
@@ -147,6 +177,14 @@ def run_methods(problem: Problem, methods, recipe: Recipe, seed: int = 0, *, log
         steps = budget // est.num_queries(d)
         res = train_zo_sol(oracle(), estimator=est, x0=x0, steps=steps, lr=recipe.rge_lr, budget=budget)
         evaluate("rge-sol", res.params, res, {**warm, "estimator": repr(est)})
+    if "hybrid-sol" in methods:
+        if recipe.hybrid_q is None:
+            est = CoordinateEstimator(mu=recipe.mu, scheme="forward")
+        else:
+            est = RandomEstimator(mu=recipe.hybrid_mu, q=recipe.hybrid_q, seed=seed)
+        lr = recipe.sol_lr if recipe.hybrid_lr is None else recipe.hybrid_lr
+        res = train_hybrid_sol(oracle(), estimator=est, x0=x0, steps=recipe.sol_steps, lr=lr)
+        evaluate("hybrid-sol", res.params, res, {**warm, "estimator": repr(est)})
     return out
 
 
@@ -169,9 +207,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="seed of the network and the minibatches (0 <= seed < 2**63)")
     p.add_argument("--data-seed", type=seed_int, default=0,
                    help="seed of the generated simulations (0 <= seed < 2**63)")
-    p.add_argument("--n-train", type=positive_int, default=None, help="training simulations (burgers 10, wake 4)")
-    p.add_argument("--n-test", type=positive_int, default=None, help="test simulations (burgers 5, wake 2)")
-    p.add_argument("--sim-steps", type=positive_int, default=None, help="recorded steps per simulation (200)")
+    p.add_argument("--n-train", type=positive_int, default=None, help="training simulations (default: the recipe's, burgers 20, wake 4)")
+    p.add_argument("--n-test", type=positive_int, default=None, help="test simulations (default: the recipe's, burgers 10, wake 2)")
+    p.add_argument("--sim-steps", type=positive_int, default=None, help="recorded steps per simulation (default: the recipe's, burgers 100, wake 40)")
     p.add_argument("--warmup", type=non_negative_int, default=None, help="reference steps before recording")
     p.add_argument("--factor", type=positive_int, default=None,
                    help="reference resolution / source resolution (burgers 4, wake 2; 4 is the GPU-sized wake)")
@@ -184,6 +222,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mu", type=positive_float, default=None, help="CGE step (default 1e-6, see docs/pde.md)")
     p.add_argument("--scheme", choices=["forward", "central"], default=None, help="CGE differences")
     p.add_argument("--q", type=positive_int, default=None, help="RGE directions per step (default: the dimension)")
+    p.add_argument("--hybrid-q", type=positive_int, default=None,
+                   help="hybrid-sol: RGE directions per solver row (default: the recipe's; burgers: CGE over the state)")
     p.add_argument("--warm-start", choices=["non", "none"], default=None)
     p.add_argument("--threads", type=thread_count, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
@@ -195,7 +235,8 @@ def recipe_from_args(args) -> Recipe:
     recipe = RECIPES[args.scenario]
     overrides = {"sol_steps": args.sol_steps, "non_steps": args.non_steps, "unroll": args.unroll,
                  "batch_size": args.batch_size, "sol_lr": args.lr, "rge_lr": args.rge_lr, "mu": args.mu,
-                 "scheme": args.scheme, "rge_q": args.q, "warm_start": args.warm_start}
+                 "scheme": args.scheme, "rge_q": args.q, "warm_start": args.warm_start,
+                 "hybrid_q": args.hybrid_q}
     return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -204,16 +245,17 @@ def cmd_pde(args) -> int:
     t0 = time.perf_counter()
     recipe = recipe_from_args(args)
     problem = make_problem(args.scenario, n_train=args.n_train, n_test=args.n_test, data_seed=args.data_seed,
-                           sim_steps=args.sim_steps, warmup=args.warmup, factor=args.factor)
+                           sim_steps=args.sim_steps, warmup=args.warmup, factor=args.factor,
+                           config=recipe.scenario_config)
     if recipe.unroll > problem.train.n_steps:
         raise ConfigError(f"--unroll {recipe.unroll} exceeds the {problem.train.n_steps} recorded steps")
     print(f"zoblackbox pde: {args.scenario}, {problem.train.n_sims} training / {problem.test.n_sims} test simulations "
           f"of {problem.train.n_steps} steps, source {problem.step.scenario!r}")
     results = run_methods(problem, args.method, recipe, args.seed)
     wall = time.perf_counter() - t0
-    print(f"\n  {'method':<8}{'test MAE':>10}{'queries':>12}{'solver calls':>14}{'train s':>9}")
+    print(f"\n  {'method':<10}{'test MAE':>10}{'queries':>12}{'solver calls':>14}{'train s':>9}")
     for name, r in results.items():
-        print(f"  {name:<8}{r['mae']:>10.4f}{r['queries']:>12,}{r['solver_calls']:>14,}{r['train_wall_s']:>9.1f}")
+        print(f"  {name:<10}{r['mae']:>10.4f}{r['queries']:>12,}{r['solver_calls']:>14,}{r['train_wall_s']:>9.1f}")
     print(f"total {wall:.1f} s")
     if args.json is not None:
         summary = {"scenario": args.scenario, "seed": args.seed, "data_seed": args.data_seed, "recipe": asdict(recipe),

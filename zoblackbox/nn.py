@@ -436,12 +436,25 @@ class ExecutorRowScheduler(RowScheduler):
 
 
 # ----------------------------------------------------------------------------------------- the module
+class _WithContext:
+    """``f(X, C)`` seen as a function of the rows ``[x | context]`` (what the oracle evaluates)."""
+
+    def __init__(self, f: Callable, n: int):
+        self.f, self.n = f, n
+
+    def __call__(self, Z):
+        return self.f(Z[..., :self.n], Z[..., self.n:])
+
+    def __repr__(self) -> str:
+        return f"{short_repr(self.f)} with context"
+
+
 class _BlackBoxFunction(torch.autograd.Function):
     """forward: the black box's outputs (and its finite differences); backward: their VJP."""
 
     @staticmethod
-    def forward(ctx, x, box):
-        y, kind, saved = box._differentiate(x)
+    def forward(ctx, x, context, box):
+        y, kind, saved = box._differentiate(x, context)
         ctx.kind, ctx.x_dtype, ctx.x_device = kind, x.dtype, x.device
         ctx.save_for_backward(*saved)
         return y
@@ -457,7 +470,7 @@ class _BlackBoxFunction(torch.autograd.Function):
             U, D = ctx.saved_tensors
             g = grad_out.to(device=D.device, dtype=D.dtype)
             grad = torch.einsum("bq,bqn->bn", torch.einsum("bm,bqm->bq", g, D), U)
-        return grad.to(device=ctx.x_device, dtype=ctx.x_dtype), None
+        return grad.to(device=ctx.x_device, dtype=ctx.x_dtype), None, None
 
 
 class BlackBox(torch.nn.Module):
@@ -493,6 +506,14 @@ class BlackBox(torch.nn.Module):
         As in :class:`VectorFunctionOracle`, for a plain function.
     scheduler : RowScheduler or None
         Evaluates the rows (default: one call of ``f`` per forward).
+    context : int
+        Width ``c`` of a per-row side input that ``f`` needs but that is never differentiated (a
+        forcing, boundary conditions, a simulation's parameters; default 0: none). Every forward
+        then takes ``box(x, context)`` with ``context`` of shape ``(..., c)``; each perturbed row
+        of an input row carries that row's context unchanged, so the cost stays ``B (n + 1)`` /
+        ``B (2 n + 1)`` / ``B (q + 1)`` rows whatever ``c``. A plain function is called as
+        ``f(X, C)`` with ``X (K, n)`` and ``C (K, c)``; an oracle has ``dim = n + c`` and receives
+        the rows ``[x | context]``.
 
     Attributes
     ----------
@@ -525,8 +546,12 @@ class BlackBox(torch.nn.Module):
     """
 
     def __init__(self, f, n: int | None = None, m: int | None = None, estimator=None, *, budget: int | None = None,
-                 on_failure=None, vectorized: bool = True, numpy: bool = False, scheduler: RowScheduler | None = None):
+                 on_failure=None, vectorized: bool = True, numpy: bool = False, scheduler: RowScheduler | None = None,
+                 context: int = 0):
         super().__init__()
+        if isinstance(context, (bool, np.bool_)) or not isinstance(context, (int, np.integer)) or context < 0:
+            raise ConfigError(f"context must be a non-negative int (the side input's width), got {context!r}")
+        self.context = c = int(context)
         if isinstance(f, Oracle):
             given = [name for name, value, default in (("budget", budget, None), ("on_failure", on_failure, None),
                                                        ("vectorized", vectorized, True), ("numpy", numpy, False))
@@ -535,13 +560,19 @@ class BlackBox(torch.nn.Module):
                 raise ConfigError(f"{', '.join(given)} belong(s) to the oracle {f!r}; set them when building it, "
                                   "not on the BlackBox")
             oracle = f if isinstance(f, VectorOracle) else _ScalarRows(f)
-            for name, value, own in (("n", n, oracle.dim), ("m", m, oracle.out_dim)):
+            if oracle.dim <= c:
+                raise ConfigError(f"the oracle {f!r} takes rows of {oracle.dim} values, which leaves no input beside "
+                                  f"context={c}; its dim must be n + context")
+            for name, value, own in (("n", n, oracle.dim - c), ("m", m, oracle.out_dim)):
                 if value is not None and _positive_int(value, name) != own:
-                    raise ConfigError(f"{name}={value!r} disagrees with the oracle {f!r} ({name} = {own})")
+                    detail = f"dim - context = {oracle.dim} - {c}" if name == "n" and c else f"{name} = {own}"
+                    raise ConfigError(f"{name}={value!r} disagrees with the oracle {f!r} ({detail})")
         elif callable(f):
             if n is None or m is None:
                 raise ConfigError(f"a plain function needs its widths: BlackBox(f, n=..., m=...), got n={n!r}, m={m!r}")
-            oracle = VectorFunctionOracle(f, _positive_int(n, "n"), _positive_int(m, "m"), vectorized=vectorized,
+            n_in = _positive_int(n, "n")
+            fn = f if c == 0 else _WithContext(f, n_in)
+            oracle = VectorFunctionOracle(fn, n_in + c, _positive_int(m, "m"), vectorized=vectorized,
                                           numpy=numpy, budget=budget,
                                           on_failure="raise" if on_failure is None else on_failure)
         else:
@@ -568,8 +599,8 @@ class BlackBox(torch.nn.Module):
 
     @property
     def n(self) -> int:
-        """Input width."""
-        return self.oracle.dim
+        """Input width (the differentiated part of a row; the context comes on top)."""
+        return self.oracle.dim - self.context
 
     @property
     def m(self) -> int:
@@ -609,16 +640,20 @@ class BlackBox(torch.nn.Module):
 
     def extra_repr(self) -> str:
         est = "central CGE, mu = cbrt(eps), relative" if self.estimator is None else repr(self.estimator)
-        return f"n={self.n}, m={self.m}, estimator={est}, oracle={self.oracle!r}"
+        ctx = f", context={self.context}" if self.context else ""
+        return f"n={self.n}, m={self.m}{ctx}, estimator={est}, oracle={self.oracle!r}"
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """``f`` on the rows of ``x``; differentiable with respect to ``x`` by finite differences.
 
         Parameters
         ----------
         x : torch.Tensor
             Floating-point input of shape ``(..., n)``.
+        context : torch.Tensor or None
+            The side input, shape ``(..., c)`` with ``x``'s leading shape; required when the box
+            was built with ``context=c > 0``, refused otherwise. It gets no gradient.
 
         Returns
         -------
@@ -629,9 +664,10 @@ class BlackBox(torch.nn.Module):
         Raises
         ------
         TypeError
-            ``x`` is not a tensor.
+            ``x`` (or ``context``) is not a tensor.
         ConfigError
-            ``x`` is not floating-point, has the wrong width, no rows, or non-finite entries (named);
+            ``x`` is not floating-point, has the wrong width, no rows, or non-finite entries (named); a
+            context is missing, unexpected, of the wrong shape or non-finite;
             or a step underflows (:class:`~zoblackbox.estimators.StepUnderflow`, naming the row and
             coordinate).
         BudgetExhaustedError
@@ -655,28 +691,58 @@ class BlackBox(torch.nn.Module):
             b, i = (~finite).nonzero()[0].tolist()
             raise ConfigError(f"x must be finite: row {b}, coordinate {i} is {float(rows[b, i])!r} "
                               f"({int((~finite).sum())} non-finite entries)")
+        ctx = self._context_rows(x, context)
         if torch.is_grad_enabled() and x.requires_grad:
-            y = _BlackBoxFunction.apply(rows, self)
+            y = _BlackBoxFunction.apply(rows, ctx, self)
         else:
             self._check_budget(rows.shape[0], grad=False)
-            y = self._evaluate(self._working(rows).unsqueeze(1), ("the unperturbed point",))[:, 0]
+            work = self._working(rows)
+            y = self._evaluate(work.unsqueeze(1), ("the unperturbed point",), self._working_context(ctx, work))[:, 0]
             y = y.to(device=x.device, dtype=x.dtype)
         return y.reshape(*x.shape[:-1], self.m)
+
+    def _context_rows(self, x: torch.Tensor, context) -> torch.Tensor | None:
+        """The context as ``(B, c)`` rows, checked against ``x``; ``None`` without a context."""
+        c = self.context
+        if c == 0:
+            if context is not None:
+                raise ConfigError("this BlackBox takes no context (built with context=0); build it with "
+                                  "context=<width> to pass a side input")
+            return None
+        if context is None:
+            raise ConfigError(f"this BlackBox needs a context of shape (..., {c}) with every forward: box(x, context)")
+        if not isinstance(context, torch.Tensor):
+            raise TypeError(f"context must be a torch.Tensor of shape (..., {c}), got {type(context).__name__}: "
+                            f"{short_repr(context)}")
+        if tuple(context.shape) != (*x.shape[:-1], c):
+            raise ConfigError(f"context must have shape {(*x.shape[:-1], c)} (x's leading shape, then context={c}), "
+                              f"got {tuple(context.shape)}")
+        rows = context.detach().reshape(-1, c)
+        if not bool(torch.isfinite(rows).all()):
+            b, i = (~torch.isfinite(rows)).nonzero()[0].tolist()
+            raise ConfigError(f"context must be finite: row {b}, entry {i} is {float(rows[b, i])!r}")
+        return rows
+
+    def _working_context(self, ctx: torch.Tensor | None, work: torch.Tensor) -> torch.Tensor | None:
+        return None if ctx is None else ctx.to(dtype=work.dtype, device=work.device)
 
     def _working(self, rows: torch.Tensor) -> torch.Tensor:
         """Detached rows in the oracle's dtype and device (the input's where the oracle fixes none)."""
         oracle = self.oracle
         return rows.detach().to(dtype=oracle.dtype or rows.dtype, device=oracle.device or rows.device)
 
-    def _evaluate(self, rows: torch.Tensor, what: tuple[str, ...]) -> torch.Tensor:
-        """Outputs ``(B, R, m)`` of ``rows`` ``(B, R, n)``: one counted evaluation of ``B R`` rows.
+    def _evaluate(self, rows: torch.Tensor, what: tuple[str, ...], ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs ``(B, R, m)`` of ``rows`` ``(B, R, n)``: one counted evaluation of ``B R`` rows,
+        each followed by its input row's context (``ctx`` ``(B, c)``) when there is one.
 
         ``what[j]`` names row ``j`` of each input row's block, for error messages."""
         B, R, _ = rows.shape
         oracle, K = self.oracle, B * R
+        if ctx is not None:
+            rows = torch.cat([rows, ctx.unsqueeze(1).expand(B, R, self.context)], dim=2)
         first = oracle.nfev
         try:
-            values = self.scheduler.run(oracle, rows.reshape(K, self.n))
+            values = self.scheduler.run(oracle, rows.reshape(K, oracle.dim))
         except OracleError as exc:
             r = None if exc.query_index is None else exc.query_index - first
             if r is None or not 0 <= r < K:
@@ -686,15 +752,16 @@ class BlackBox(torch.nn.Module):
                               query_index=exc.query_index, value=exc.value, kind=exc.kind) from exc
         return values.reshape(B, R, self.m)
 
-    def _differentiate(self, x: torch.Tensor):
+    def _differentiate(self, x: torch.Tensor, context: torch.Tensor | None = None):
         """``(y, kind, saved)``: the outputs and what the backward needs (see _BlackBoxFunction)."""
         work = self._working(x)
+        ctx = self._working_context(context, work)
         est = self.estimator if self.estimator is not None else self._default(work.dtype)
         self._check_budget(work.shape[0])
         if isinstance(est, RandomEstimator):
-            y, saved = self._random(work, est)
+            y, saved = self._random(work, est, ctx)
             return y.to(device=x.device, dtype=x.dtype), "directions", saved
-        y, J = self._coordinate(work, est)
+        y, J = self._coordinate(work, est, ctx)
         return y.to(device=x.device, dtype=x.dtype), "jacobian", (J,)
 
     def _check_budget(self, B: int, grad: bool = True) -> None:
@@ -720,7 +787,7 @@ class BlackBox(torch.nn.Module):
                                 f"(x={float(work[b, i])!r}): x {sign} mu == x, so no difference can be measured; "
                                 "raise mu")
 
-    def _coordinate(self, work: torch.Tensor, est: CoordinateEstimator):
+    def _coordinate(self, work: torch.Tensor, est: CoordinateEstimator, ctx: torch.Tensor | None = None):
         n = self.n
         h = est.mu * torch.clamp(work.abs(), min=1.0) if est.relative else est.mu
         up = (work + h) - work  # realized steps, as CoordinateEstimator.plan uses them
@@ -734,7 +801,7 @@ class BlackBox(torch.nn.Module):
             what += [f"coordinate {i} stepped by -mu" for i in range(n)]
         base = work.unsqueeze(1)
         rows = torch.cat([base] + [base + torch.diag_embed(s) for s in steps], dim=1)  # (B, 1 + n[+ n], n)
-        V = self._evaluate(rows, tuple(what))
+        V = self._evaluate(rows, tuple(what), ctx)
         up = up.to(V.dtype)
         if est.scheme == "forward":
             J = (V[:, 1:] - V[:, :1]) / up.unsqueeze(2)
@@ -743,7 +810,7 @@ class BlackBox(torch.nn.Module):
         J = torch.where(torch.isfinite(J), J, torch.zeros_like(J))  # failed rows ("inf"/"skip") drop out
         return V[:, 0], J.transpose(1, 2).contiguous()  # (B, m), (B, m, n)
 
-    def _random(self, work: torch.Tensor, est: RandomEstimator):
+    def _random(self, work: torch.Tensor, est: RandomEstimator, ctx: torch.Tensor | None = None):
         B, n = work.shape
         q, mu = est.q, est.mu
         self._check_steps(work, (work + mu) - work, mu, "+")
@@ -759,7 +826,7 @@ class BlackBox(torch.nn.Module):
         blocks = [base, base + mu * U] + ([base - mu * U] if est.antithetic else [])
         what = (("the unperturbed point",) + tuple(f"direction {k} (+mu u)" for k in range(q))
                 + (tuple(f"direction {k} (-mu u)" for k in range(q)) if est.antithetic else ()))
-        V = self._evaluate(torch.cat(blocks, dim=1), what)
+        V = self._evaluate(torch.cat(blocks, dim=1), what, ctx)
         if est.antithetic:
             D = (V[:, 1:q + 1] - V[:, q + 1:]) / (2 * mu)
         else:

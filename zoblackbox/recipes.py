@@ -78,7 +78,14 @@ DEEPZERO_RECIPE = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay
 # ----------------------------------------------------------------------------------- PDE (zoblackbox pde)
 @dataclass(frozen=True)
 class Recipe:
-    """Network and training hyperparameters of every method for one scenario of ``zoblackbox pde``."""
+    """Network and training hyperparameters of every method for one scenario of ``zoblackbox pde``.
+
+    ``scenario`` holds the scenario's data settings (fields of ``BurgersConfig`` / ``WakeConfig``
+    that differ from their defaults, and ``n_train``/``n_test``); the rest are the methods'.
+    ``hybrid_q``: ``None`` -- HYBRID-SOL estimates the solver's Jacobian with forward CGE over the
+    state (``mu``, ``n + 1`` rows per row); an int -- RGE with that many directions (``hybrid_mu``).
+    ``hybrid_lr``: ``None`` -- the FO/ZO-SOL learning rate.
+    """
 
     hidden: tuple = (8, 8)
     kernel_size: int = 5
@@ -96,17 +103,31 @@ class Recipe:
     rge_q: int | None = None  # None: q = dim, the queries per step of forward CGE
     rge_lr: float = 1e-4
     rge_mu: float = 1e-6
+    hybrid_q: int | None = None
+    hybrid_mu: float = 1e-6
+    hybrid_lr: float | None = None
     warm_start: str = "non"
+    scenario: tuple = ()  # ((field, value), ...): hashable, like the rest of the frozen recipe
+
+    @property
+    def scenario_config(self) -> dict:
+        return dict(self.scenario)
 
 
-#: tuned on the training simulations (docs/pde.md); the wake recipe is a smoke-test size.
-#: ``burgers1d``: chosen on simulations 0-6 (fit) and 7-9 (validation MAE, mean of seeds 0-2); the test
-#: set was never used to pick a value (docs/pde.md, the tuning table; the grid is in the JSON's ``tuning``).
+#: Selected on training simulations only (docs/pde.md, "How the recipes were chosen"; the grid is in
+#: benchmarks/pde_sil.py's ``TUNING`` and the JSON's ``tuning``). ``burgers1d``: a source solver 10x
+#: coarser in time (dt 1.0, one step) and 4x in space than the reference (dt 0.1, 128 cells), 100
+#: recorded steps; 20 training simulations (0-13 fit, 14-19 validation during the selection).
+#: ``wake2d``: a CPU-sized wake (32 x 16 source cells, reference 2x finer), trained end to end.
 RECIPES = {
-    "burgers1d": Recipe(),
-    "wake2d": Recipe(hidden=(4,), kernel_size=3, padding_mode="replicate", non_steps=200, non_batch=8,
-                     sol_steps=20, unroll=4, batch_size=1, sol_lr=1e-3, mu=1e-3, scheme="central", rge_q=32,
-                     rge_mu=1e-3),  # the CG pressure solve's tolerance rules out tiny forward steps
+    "burgers1d": Recipe(unroll=16, batch_size=4, sol_lr=3e-4, sol_steps=300,
+                        scenario=(("dt", 1.0), ("ref_substeps", 10), ("steps", 100), ("n_train", 20),
+                                  ("n_test", 10))),
+    "wake2d": Recipe(hidden=(4,), kernel_size=3, padding_mode="replicate", non_steps=300, non_batch=8, non_lr=3e-3,
+                     sol_steps=40, unroll=2, batch_size=1, sol_lr=1e-3, mu=1e-3, scheme="central", rge_q=32,
+                     rge_mu=1e-3, hybrid_q=16, hybrid_mu=1e-3,
+                     scenario=(("x", 32), ("y", 16), ("cylinder", (8.0, 8.0, 2.0)), ("warmup", 20), ("steps", 40),
+                               ("n_train", 4), ("n_test", 2))),
 }
 
 
