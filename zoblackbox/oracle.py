@@ -48,16 +48,37 @@ _ACTIONS = ("raise", "inf", "skip")
 class FailurePolicy:
     """What to do with a failed query (it raised, returned NaN/inf, or timed out).
 
-    Args:
-        action: ``"raise"`` (default) stops with :class:`~zoblackbox.errors.OracleError` naming
-            the query index and the bad value; ``"inf"`` reports the query's loss as ``+inf``;
-            ``"skip"`` reports it as ``nan``. Estimators leave non-finite losses out of their
-            finite differences, so ``inf`` and ``skip`` keep a run going.
-        retries: how many times a failed query is re-evaluated (each attempt is a counted query,
-            within the budget) before ``action`` applies.
+    The string shortcuts accepted wherever a policy is expected (``on_failure=``) are ``"raise"``,
+    ``"inf"``, ``"skip"`` and ``"retry"`` (= ``FailurePolicy("skip", retries=3)``).
 
-    The string shortcuts accepted wherever a policy is expected are ``"raise"``, ``"inf"``,
-    ``"skip"`` and ``"retry"`` (= ``FailurePolicy("skip", retries=3)``).
+    Parameters
+    ----------
+    action : {"raise", "inf", "skip"}, default "raise"
+        ``"raise"`` stops with :class:`OracleError` naming the query index and the bad value;
+        ``"inf"`` reports the query's loss as ``+inf``; ``"skip"`` reports it as ``nan``.
+        Estimators leave non-finite losses out of their finite differences, so ``inf`` and
+        ``skip`` keep a run going.
+    retries : int, default 0
+        How many times a failed query is re-evaluated (each attempt is a counted query, within the
+        budget) before ``action`` applies; an int ``>= 0``.
+
+    Raises
+    ------
+    ConfigError
+        An unknown ``action``, or ``retries`` not an int ``>= 0``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import FailurePolicy, FunctionOracle
+    >>> FailurePolicy.coerce("retry")
+    FailurePolicy(action='skip', retries=3)
+    >>> oracle = FunctionOracle(lambda x: float("nan") if x[0] > 0 else 1.0, dim=1,
+    ...                         on_failure=FailurePolicy("inf"))
+    >>> oracle.evaluate(torch.tensor([[-1.0], [1.0]]))
+    tensor([1., inf], dtype=torch.float64)
+    >>> oracle.failures[0].kind
+    'nonfinite'
     """
 
     action: str = "raise"
@@ -71,6 +92,7 @@ class FailurePolicy:
 
     @classmethod
     def coerce(cls, spec: FailurePolicy | str) -> FailurePolicy:
+        """A policy from a policy (returned as is) or a string shortcut; ``ConfigError`` otherwise."""
         if isinstance(spec, FailurePolicy):
             return spec
         if spec == "retry":
@@ -85,7 +107,38 @@ class FailurePolicy:
 
 @dataclass
 class QueryFailure:
-    """The record of one failed query (kept in :attr:`Oracle.failures`)."""
+    """The record of one failed query (kept in the oracle's ``failures`` list).
+
+    A dataclass; the parameters are its fields.
+
+    Parameters
+    ----------
+    index : int
+        0-based index of the query in the oracle's lifetime count.
+    kind : {"exception", "nonfinite", "timeout"}
+        How it failed.
+    message : str
+        The exception's message, or a description of the bad value.
+    value : float or None, default None
+        The value returned (``None`` when the query raised).
+    attempts : int, default 1
+        Evaluations made, retries included.
+    resolved : bool, default False
+        Whether a retry produced a finite value.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import FunctionOracle
+    >>> def flaky(x):
+    ...     raise RuntimeError("simulator crashed")
+    >>> oracle = FunctionOracle(flaky, dim=2, on_failure="skip")
+    >>> oracle.evaluate(torch.zeros(1, 2))
+    tensor([nan], dtype=torch.float64)
+    >>> failure = oracle.failures[0]
+    >>> failure.index, failure.kind, failure.message
+    (0, 'exception', 'query #0 raised RuntimeError: simulator crashed')
+    """
 
     index: int
     kind: str  # "exception" | "nonfinite" | "timeout"
@@ -95,6 +148,7 @@ class QueryFailure:
     resolved: bool = False  # a retry produced a finite value
 
     def as_dict(self) -> dict:
+        """The record as a JSON-able dict."""
         return {
             "index": self.index,
             "kind": self.kind,
@@ -177,12 +231,47 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 class Oracle:
     """Base class of every oracle: counted, budgeted queries with a failure policy.
 
-    Args:
-        dim: length of the parameter vector.
-        budget: maximum number of queries over the oracle's lifetime (``None``: unlimited).
-        on_failure: a :class:`FailurePolicy` or its string shortcut.
-        dtype: dtype of the points handed to the hooks (default: torch's default dtype).
-        device: device of those points.
+    An oracle is an opaque function of a flat parameter vector that is only ever queried.
+    Subclasses implement ``_evaluate_one(x) -> float`` or the vectorized
+    ``_evaluate_batch(X) -> Tensor[K]``; callers use ``oracle(x)``, :meth:`evaluate` and
+    :meth:`evaluate_plan`, which count every query in ``nfev`` and apply the failure policy
+    (failed queries are recorded in ``failures``).
+
+    Parameters
+    ----------
+    dim : int
+        Length of the parameter vector, ``>= 1``.
+    budget : int or None, default None
+        Maximum number of queries over the oracle's lifetime, ``>= 0`` (``None``: unlimited).
+    on_failure : FailurePolicy or {"raise", "inf", "skip", "retry"}, default "raise"
+        What a failed query does.
+    dtype : torch.dtype or None, default None
+        Floating dtype of the points handed to the hooks (default: torch's default dtype).
+    device : str or torch.device or None, default None
+        Device of those points (default: CPU).
+
+    Raises
+    ------
+    ConfigError
+        ``dim`` not an int ``>= 1``, ``budget`` not an int ``>= 0``, an unknown failure policy, a
+        non-floating ``dtype`` or a device torch cannot parse.
+
+    See Also
+    --------
+    FunctionOracle : any Python callable as an oracle.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import Oracle
+    >>> class Sphere(Oracle):
+    ...     def _evaluate_batch(self, X):
+    ...         return (X.double() ** 2).sum(dim=1)
+    >>> oracle = Sphere(3, budget=10)
+    >>> oracle.evaluate(torch.ones(4, 3))
+    tensor([3., 3., 3., 3.], dtype=torch.float64)
+    >>> oracle.nfev, oracle.remaining
+    (4, 6)
     """
 
     def __init__(
@@ -527,24 +616,43 @@ class BudgetView(Oracle):
 class FunctionOracle(Oracle):
     """Wrap any Python callable as an oracle.
 
-    Args:
-        fn: ``fn(x) -> float`` for one 1-D point, or, with ``vectorized=True``,
-            ``fn(X) -> K losses`` for a ``(K, dim)`` batch.
-        dim: length of the parameter vector.
-        vectorized: whether ``fn`` takes a batch (a ``bool``).
-        numpy: hand ``fn`` numpy arrays instead of torch tensors (for simulators written in numpy;
-            a ``bool``).
-        **kwargs: ``budget``, ``on_failure``, ``dtype``, ``device`` as in :class:`Oracle`.
-
     The points' dtype: ``dtype`` when given; otherwise ``torch.float64`` with ``numpy=True``
     (numpy computes in float64, and float32 points would round every perturbation of a float64
     simulator to float32 precision) and torch's default dtype (``torch.get_default_dtype()``)
     for a torch function.
 
-    Example:
-        >>> oracle = FunctionOracle(lambda x: float((x ** 2).sum()), dim=3)
-        >>> oracle([1.0, 2.0, 2.0])
-        9.0
+    Parameters
+    ----------
+    fn : callable
+        ``fn(x) -> float`` for one 1-D point, or, with ``vectorized=True``, ``fn(X) -> K losses``
+        for a ``(K, dim)`` batch.
+    dim : int
+        Length of the parameter vector, ``>= 1``.
+    vectorized : bool, default False
+        Whether ``fn`` takes a batch.
+    numpy : bool, default False
+        Hand ``fn`` numpy arrays instead of torch tensors (for simulators written in numpy).
+    **kwargs
+        ``budget``, ``on_failure``, ``dtype``, ``device`` as in :class:`Oracle`.
+
+    Raises
+    ------
+    TypeError
+        ``fn`` not callable, or ``vectorized``/``numpy`` not a bool (the string ``"False"`` is not
+        ``False``).
+    ConfigError
+        A bad ``dim``, ``budget``, ``on_failure``, ``dtype`` or ``device``, as in :class:`Oracle`.
+
+    Examples
+    --------
+    >>> from zoblackbox import FunctionOracle
+    >>> oracle = FunctionOracle(lambda x: float((x ** 2).sum()), dim=3)
+    >>> oracle([1.0, 2.0, 2.0])
+    9.0
+    >>> import numpy as np
+    >>> batch = FunctionOracle(lambda X: (X ** 2).sum(axis=1), dim=2, vectorized=True, numpy=True)
+    >>> batch.evaluate(np.eye(2)), batch.nfev
+    (tensor([1., 1.], dtype=torch.float64), 2)
     """
 
     def __init__(self, fn: Callable, dim: int, *, vectorized: bool = False, numpy: bool = False, **kwargs):
