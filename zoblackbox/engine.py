@@ -70,48 +70,112 @@ def auto_estimator(dim: int, budget: int | None, seed: int | None = 0) -> Estima
 
 # ------------------------------------------------------------------------------------------ the engine
 class AskTell:
-    """The ask/tell engine (see the module docstring).
+    """The ask/tell engine: the one optimization loop under every driver.
 
-    Args:
-        x0: the starting point, 1-D, finite (numpy or torch). :meth:`ask` returns numpy arrays when
-            ``x0`` is numpy (or a list), torch tensors otherwise; the computation dtype is ``x0``'s
-            floating dtype (float64 for numpy ints, lists and float64 arrays).
-        estimator: an :class:`~zoblackbox.estimators.Estimator`, or ``"auto"`` (:func:`auto_estimator`
-            from the dimension and the budget; forward CGE for ``"lbfgs"``).
-        optimizer: ``"sgd"``, ``"adam"`` (default), ``"adamw"``, ``"signsgd"``, ``"lbfgs"``
-            (zoblackbox's L-BFGS for estimated gradients), a ``torch.optim`` class, or an
-            :class:`~zoblackbox.rules.UpdateRule`.
-        lr: learning rate (default 1e-2; 1 for ``"lbfgs"``, its first trial step).
-        budget: the most queries the run may use (exact: asks never exceed it, retries included).
-        seed: seed of the estimator chosen by ``"auto"`` (a given estimator keeps its own seed).
-        bounds: ``(lower, upper)``, scalars or arrays of length ``dim`` (``-inf``/``inf`` allowed):
-            iterates and line-search trials are projected into the box, and a forward-CGE step that
-            would leave it is taken backwards. Other estimators' perturbations may leave the box by
-            their step ``mu``.
-        maxiter: the most iterations.
-        optimizer_kwargs: extra arguments of the optimizer (``momentum``...; L-BFGS's
-            ``history_size``, ``max_ls``, ``c1``, ``noise``).
-        lr_schedule: ``lr_schedule(iteration) -> factor`` for first-order rules (torch's ``LambdaLR``).
-        on_failure: what :meth:`tell` does with a non-finite loss: ``"raise"`` (default:
-            :class:`~zoblackbox.errors.OracleError` naming the row, and nothing is changed, so the
-            losses can be told again), ``"inf"`` (taken as ``+inf``) or ``"skip"`` (left out of the
-            estimate). Runs driven through an oracle use the oracle's own policy instead.
-        evaluate_final: whether the run ends by evaluating the returned point (one query kept for
-            it); drivers that train on minibatches switch it off.
-        dtype, device: the computation dtype and device (default: ``x0``'s; drivers pass the
-            oracle's).
+    Driven by hand (:meth:`ask` the points, evaluate them anywhere, :meth:`tell` their losses) or
+    against an oracle (:meth:`step`, :meth:`run`); :func:`minimize` and the :class:`Trainer` are
+    drivers of it. :meth:`state_dict` is exact at any moment, in the middle of a line search too.
 
-    Attributes:
-        done: whether the run has ended (:meth:`result` is then final).
-        nit, nfev: iterations finished and queries used so far.
-        coords: the coordinates the next gradient estimate covers (``None`` = all); drivers with
-            sparse masks set it between iterations. ``freeze``: a boolean mask of coordinates an
-            update may not change.
-        observers: callables ``observer(engine, record)`` run after every iteration (callbacks,
-            progress, logs, checkpoints: :mod:`zoblackbox.callbacks`); one returning ``True`` stops
-            the run.
-        gradient_hooks: callables ``hook(x, grad) -> grad`` applied to the estimate before a
-            first-order step (e.g. adding a white-box term computed by autograd).
+    Parameters
+    ----------
+    x0 : array_like or torch.Tensor
+        The starting point, 1-D, finite. :meth:`ask` returns numpy arrays when ``x0`` is numpy (or
+        a list), torch tensors otherwise; the computation dtype is ``x0``'s floating dtype (float64
+        for numpy ints, lists and float64 arrays).
+    estimator : Estimator or "auto", default "auto"
+        The gradient estimator; ``"auto"`` picks from the dimension and the budget (forward CGE
+        when ``dim <= 20``, no budget, or at least 100 CGE iterations fit; else RGE with
+        ``q=20``; forward CGE for ``"lbfgs"``).
+    optimizer : str or type or UpdateRule, default "auto"
+        ``"auto"`` (the default strategy when no ``estimator``, ``lr``, ``optimizer_kwargs`` or
+        ``lr_schedule`` is given, else ``"adam"``; see :func:`minimize`), ``"sgd"``, ``"adam"``,
+        ``"adamw"``, ``"signsgd"``, ``"lbfgs"`` (zoblackbox's L-BFGS for estimated gradients), a
+        ``torch.optim`` class, or an update rule of ``zoblackbox.rules``.
+    lr : float or None, default None
+        Learning rate, positive and finite (``None``: 1e-2; 1 for ``"lbfgs"``, its first trial step).
+    budget : int or None, default None
+        The most queries the run may use, ``>= 0`` (exact: asks never exceed it, retries included).
+    seed : int or None, default 0
+        Seed of the estimator chosen by ``"auto"`` and of the default strategy (a given estimator
+        keeps its own seed).
+    bounds : tuple or scipy.optimize.Bounds or sequence or None, default None
+        ``(lower, upper)``, scalars or arrays of length ``dim`` (``-inf``/``inf`` allowed), scipy's
+        ``Bounds`` or ``dim`` ``(min, max)`` pairs: iterates and line-search trials are projected
+        into the box, and a forward-CGE step that would leave it is taken backwards. Other
+        estimators' perturbations may leave the box by their step ``mu``.
+    maxiter : int or None, default None
+        The most iterations, ``>= 1``.
+    optimizer_kwargs : dict or None, default None
+        Extra arguments of the optimizer (``momentum``...; L-BFGS's ``history_size``, ``max_ls``,
+        ``c1``, ``noise``).
+    lr_schedule : callable or None, default None
+        ``lr_schedule(iteration) -> factor`` for first-order rules (torch's ``LambdaLR``).
+    on_failure : {"raise", "inf", "skip"} or FailurePolicy, default "raise"
+        What :meth:`tell` does with a non-finite loss: ``"raise"`` (:class:`OracleError` naming the
+        row, and nothing is changed, so the losses can be told again), ``"inf"`` (taken as
+        ``+inf``) or ``"skip"`` (left out of the estimate). Runs driven through an oracle use the
+        oracle's own policy instead.
+    evaluate_final : bool, default True
+        Whether the run ends by evaluating the returned point (one query kept for it); drivers
+        that train on minibatches switch it off.
+    dtype : torch.dtype or None, default None
+        The computation dtype (default: ``x0``'s; drivers pass the oracle's).
+    device : str or torch.device or None, default None
+        The computation device (default: ``x0``'s).
+
+    Attributes
+    ----------
+    done : bool
+        Whether the run has ended (:meth:`result` is then final).
+    nit : int
+        Iterations finished so far.
+    nfev : int
+        Queries used so far.
+    coords : torch.Tensor or None
+        The coordinates the next gradient estimate covers (``None`` = all); drivers with sparse
+        masks set it between iterations.
+    freeze : torch.Tensor or None
+        A boolean mask of coordinates an update may not change.
+    observers : list of callable
+        ``observer(engine, record)`` run after every iteration (callbacks, progress, logs,
+        checkpoints); one returning ``True`` stops the run.
+    gradient_hooks : list of callable
+        ``hook(x, grad) -> grad`` applied to the estimate before a first-order step (e.g. adding a
+        white-box term computed by autograd).
+
+    Raises
+    ------
+    ConfigError
+        A bad value, before any query: non-finite ``x0`` (or one that overflows ``dtype``), a
+        negative ``budget``, a bad ``lr``, ``maxiter``, bound, optimizer name or keyword,
+        ``lr_schedule`` factor, failure policy, ``dtype`` or ``device``; a ``budget`` too small for
+        one iteration.
+    TypeError
+        ``estimator`` not an :class:`Estimator` or ``"auto"``, ``optimizer_kwargs`` not a mapping.
+
+    See Also
+    --------
+    minimize : the driver for a Python function.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from zoblackbox import AskTell
+    >>> solver = AskTell(np.array([2.0, -1.0]), budget=300)
+    >>> while not solver.done:
+    ...     X = solver.ask()                               # one row per point
+    ...     solver.tell([float(x @ x) for x in X])         # one loss per row
+    >>> res = solver.result()
+    >>> res.nfev <= 300, bool(res.fun < 1e-8)
+    (True, True)
+
+    The state can be saved at any moment and the run continued from it:
+
+    >>> solver = AskTell(np.array([2.0, -1.0]), optimizer="adam", lr=0.1, budget=60)
+    >>> X = solver.ask(); solver.tell([float(x @ x) for x in X])
+    >>> resumed = AskTell.from_state_dict(solver.state_dict())
+    >>> np.array_equal(resumed.ask(), solver.ask())
+    True
     """
 
     def __init__(self, x0, *, estimator: Estimator | str = "auto", optimizer="auto", lr: float | None = None,
@@ -218,16 +282,20 @@ class AskTell:
     def tell(self, losses, *, nfev: int | None = None) -> None:
         """Report the losses of the points of the last :meth:`ask`, one per row, in order.
 
-        Args:
-            losses: a sequence or 1-D array of real numbers, one per asked row. Non-finite values
-                follow ``on_failure``.
-            nfev: queries these losses cost, when not one per row (retries of failed queries).
+        Parameters
+        ----------
+        losses : sequence of float or array_like
+            Real numbers, one per asked row. Non-finite values follow ``on_failure``.
+        nfev : int or None, default None
+            Queries these losses cost, when not one per row (retries of failed queries).
 
-        Raises:
-            ConfigError: the wrong number of losses, or :meth:`tell` after the run ended; the
-                engine is left unchanged.
-            OracleError: a non-finite loss under ``on_failure="raise"``; the engine is left
-                unchanged.
+        Raises
+        ------
+        ConfigError
+            The wrong number of losses, losses of points never asked, an ``nfev`` past the budget,
+            or :meth:`tell` after the run ended; the engine is left unchanged.
+        OracleError
+            A non-finite loss under ``on_failure="raise"``; the engine is left unchanged.
         """
         self._settle()
         if self.phase == "done":
@@ -368,7 +436,7 @@ class AskTell:
         return self._limit_source.remaining if self._limit_source is not None else math.inf
 
     def afford(self, n: int, keep: int = 0) -> None:
-        """Raise :class:`~zoblackbox.rules.Stop` unless ``n`` more queries fit (``keep`` more kept aside)."""
+        """Raise ``Stop`` unless ``n`` more queries fit (``keep`` more kept aside)."""
         if self.budget is not None and self.nfev + n + keep > self.budget:
             raise Stop(f"query budget reached ({self.nfev} of {self.budget} spent)")
         own = self._own_left()
@@ -415,7 +483,7 @@ class AskTell:
 
     def observe(self, record: dict, *, x, grad, nit, call_back: bool = True) -> Stop | None:
         """Record an intermediate point of a rule whose iteration spans many asks (closure
-        optimizers); returns a :class:`Stop` when an observer asks to stop."""
+        optimizers); returns a ``Stop`` when an observer asks to stop."""
         self._append_history(record, nit=nit)
         self._last_grad, self._observed_x = grad, x
         try:

@@ -23,11 +23,6 @@ class ZOError(Exception):
     Catch it to handle all of the library's own failures in one place; the subclasses say which
     kind (docs/errors.md lists when each is raised).
 
-    Parameters
-    ----------
-    *args : object
-        The message (and any further arguments), as for :class:`Exception`.
-
     Examples
     --------
     >>> import numpy as np
@@ -46,11 +41,6 @@ class ConfigError(ZOError, ValueError):
     Raised where the value is given (a constructor, :func:`~zoblackbox.minimize`,
     :class:`~zoblackbox.AskTell`) and before any query is spent: out of range, non-finite, wrong
     shape, an unknown name, an inconsistent combination. Also a :class:`ValueError`.
-
-    Parameters
-    ----------
-    *args : object
-        The message, as for :class:`Exception`.
 
     Examples
     --------
@@ -107,11 +97,6 @@ class BudgetExhaustedError(ZOError):
     A budget given to :func:`~zoblackbox.minimize` or :class:`~zoblackbox.AskTell` does not raise
     it: the run stops with ``success=False``.
 
-    Parameters
-    ----------
-    *args : object
-        The message, as for :class:`Exception`.
-
     Examples
     --------
     >>> import torch
@@ -131,11 +116,6 @@ class CheckpointError(ZOError):
     Raised by every ``load_state_dict`` (checked before anything changes), by
     ``minimize(checkpoint=...)`` and by ``zoblackbox.checkpoint.load_checkpoint``.
 
-    Parameters
-    ----------
-    *args : object
-        The message, as for :class:`Exception`.
-
     Examples
     --------
     >>> import numpy as np
@@ -153,11 +133,6 @@ class MissingDependencyError(ZOError, ImportError):
     """An optional dependency is not installed; the message names the extra to install.
 
     Also an :class:`ImportError`.
-
-    Parameters
-    ----------
-    *args : object
-        The message, as for :class:`Exception`.
 
     Examples
     --------

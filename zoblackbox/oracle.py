@@ -325,7 +325,7 @@ class Oracle:
         """Losses of every query of a :class:`~zoblackbox.plan.QueryPlan`, in plan order.
 
         The whole plan is reserved against the budget before the first query; points are
-        materialized ``chunk_size`` rows at a time (default :attr:`chunk_size`).
+        materialized ``chunk_size`` rows at a time (default ``chunk_size``).
         """
         n = len(plan)
         self.reserve(n)
@@ -357,7 +357,7 @@ class Oracle:
     def reserve(self, n: int) -> None:
         """Refuse (before anything runs) a batch of ``n`` queries that would overrun the budget.
 
-        The ``n`` queries stay reserved until :meth:`record` has counted them: retries of failed
+        The ``n`` queries stay reserved until :meth:`~zoblackbox.Oracle.record` has counted them: retries of failed
         queries never spend budget that the rest of the batch needs.
         """
         if self.budget is not None and self.nfev + n > self.budget:
@@ -368,12 +368,12 @@ class Oracle:
         self._outstanding = n
 
     def raw_evaluate(self, X: torch.Tensor) -> RawResult:
-        """Evaluate without counting or failure policy (schedulers call this, then :meth:`record`).
+        """Evaluate without counting or failure policy (schedulers call this, then :meth:`~zoblackbox.Oracle.record`).
 
         With a per-point oracle, exceptions are isolated per query; a vectorized batch that raises
         marks every query of the batch as failed with that exception. A batch that raises
         :class:`OracleError` (e.g. the wrong number of losses) stops the step; it ran, so it is
-        counted in :attr:`nfev` first.
+        counted in ``nfev`` first.
         """
         with torch.no_grad():
             if type(self)._evaluate_batch is Oracle._evaluate_batch:

@@ -55,11 +55,6 @@ class ZOResult(OptimizeResult):
     is summarized by its length and first and last values, long arrays by their size and first
     entries.
 
-    Parameters
-    ----------
-    *args, **kwargs
-        The fields, as for ``dict``.
-
     Examples
     --------
     >>> import numpy as np

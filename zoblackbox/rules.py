@@ -46,13 +46,53 @@ __all__ = ["OPTIMIZERS", "ClosureRule", "FirstOrderRule", "LBFGSRule", "SignSGD"
 
 
 class SignSGD(torch.optim.Optimizer):
-    """Sign-SGD: ``p -= lr * sign(grad)`` (robust to the scale of noisy ZO estimates)."""
+    """Sign-SGD as a ``torch.optim.Optimizer``: ``p -= lr * sign(grad)``.
+
+    Robust to the scale of noisy ZO estimates: every coordinate moves by ``lr`` in the direction
+    of its estimated descent. ``optimizer="signsgd"`` selects it in :func:`minimize`,
+    :class:`AskTell` and the :class:`Trainer`.
+
+    Parameters
+    ----------
+    params : iterable of torch.Tensor or of dict
+        Parameters (or parameter groups), as for any ``torch.optim`` optimizer.
+    lr : float, default 1e-3
+        Step per coordinate, a positive finite number.
+
+    Raises
+    ------
+    ConfigError
+        ``lr`` is not a positive finite number.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import SignSGD
+    >>> p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    >>> opt = SignSGD([p], lr=0.1)
+    >>> p.grad = torch.tensor([3.0, -1e-6, 0.0])
+    >>> _ = opt.step()
+    >>> p.data
+    tensor([ 0.9000, -1.9000,  0.5000])
+    """
 
     def __init__(self, params, lr: float = 1e-3):
         super().__init__(params, {"lr": check_lr(lr)})
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step on every parameter with a gradient.
+
+        Parameters
+        ----------
+        closure : callable or None, default None
+            Re-evaluates the loss and returns it, as for ``torch.optim``.
+
+        Returns
+        -------
+        float or None
+            The closure's loss, or ``None``.
+        """
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             for p in group["params"]:

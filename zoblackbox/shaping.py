@@ -26,7 +26,7 @@ __all__ = ["FitnessShaping", "RankShaping", "StdShaping", "average_ranks", "shap
 class FitnessShaping(ABC):
     """Transforms the paired losses of an RGE estimate: ``__call__(plus, minus, *, with_base)``.
 
-    Subclasses implement :meth:`__call__` and return two 1-D tensors shaped like ``plus`` and
+    Subclasses implement ``__call__`` and return two 1-D tensors shaped like ``plus`` and
     ``minus``; the estimator then uses ``(plus - minus) / (2 mu)`` (or ``/ mu``) as usual. The
     class takes no constructor parameters.
 

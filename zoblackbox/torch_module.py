@@ -75,21 +75,60 @@ def resolve_params(model: nn.Module, params=None) -> list[tuple[str, nn.Paramete
 
 
 class ModuleOracle(Oracle):
-    """``x -> loss_fn(model(inputs; params = x), targets)`` for the current batch.
+    """A torch module's loss as an oracle: ``x -> loss_fn(model(inputs; params=x), targets)``.
 
-    Args:
-        model: any ``nn.Module``.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor`` (e.g. ``nn.functional.cross_entropy``).
-        params: the parameters the vector ``x`` holds (names or parameters); default all trainable.
-        batch: optional ``(inputs, targets)``; set or change it with :meth:`set_batch`.
-        bn_policy: ``"batch"`` or ``"eval"`` (module docstring).
-        vectorize: evaluate query batches with ``vmap`` (falls back to a loop, with a warning, if
-            the model cannot be vmapped). ``"auto"`` (default) vmaps on accelerators and loops on
-            the CPU, where a plain loop of ordinary forwards measured faster for small CNNs (the
-            fast CPU paths are the schedulers in ``zoblackbox.schedule``).
-        chunk_size: queries per vectorized call (bounds memory: activations scale with
-            ``chunk_size * batch size``).
-        **kwargs: ``budget`` and ``on_failure`` as in :class:`~zoblackbox.oracle.Oracle`.
+    The flat vector ``x`` holds the chosen parameters (``layout``, a :class:`~zoblackbox.ParamLayout`);
+    queries use ``torch.func.functional_call`` on the current batch, so the module itself is never
+    perturbed in place.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any module.
+    loss_fn : callable
+        ``loss_fn(outputs, targets) -> scalar tensor`` (e.g. ``nn.functional.cross_entropy``).
+    params : iterable of str or of torch.nn.Parameter, or None, default None
+        The parameters the vector ``x`` holds (names or parameters); ``None``: all trainable ones.
+    batch : tuple or None, default None
+        ``(inputs, targets)``; set or change it with :meth:`set_batch`.
+    bn_policy : {"batch", "eval"}, default "batch"
+        BatchNorm during queries: batch statistics (``"batch"``, as in training) or the running
+        statistics (``"eval"``); see :data:`BN_POLICIES`.
+    vectorize : bool or "auto", default "auto"
+        Evaluate query batches with ``vmap`` (falls back to a loop, with a warning, if the model
+        cannot be vmapped). ``"auto"`` vmaps on accelerators and loops on the CPU, where a plain
+        loop of ordinary forwards measured faster for small CNNs (the fast CPU paths are the
+        schedulers in ``zoblackbox.schedule``).
+    chunk_size : int, default 128
+        Queries per vectorized call, ``>= 1`` (bounds memory: activations scale with
+        ``chunk_size * batch size``).
+    **kwargs
+        ``budget`` and ``on_failure`` as in :class:`~zoblackbox.Oracle`.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a module, or ``loss_fn`` is not callable.
+    ConfigError
+        An unknown ``bn_policy`` or ``vectorize``, ``chunk_size`` not an int ``>= 1``, ``params``
+        selecting nothing or naming a parameter the model does not have, or a bad ``budget`` or
+        ``on_failure``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from zoblackbox.adapters import ModuleOracle
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Linear(4, 3)
+    >>> inputs, targets = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    >>> oracle = ModuleOracle(model, F.cross_entropy, batch=(inputs, targets))
+    >>> oracle.dim, oracle.param_names
+    (15, ('weight', 'bias'))
+    >>> x = oracle.get_params()
+    >>> abs(oracle(x) - F.cross_entropy(model(inputs), targets).item()) < 1e-6
+    True
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, params: Iterable | None = None, *,
@@ -219,23 +258,55 @@ class ZOGradient:
     """Fill ``p.grad`` of a module's parameters with a zeroth-order estimate.
 
     The ZO counterpart of ``loss.backward()``: the model is queried as a black box through a
-    :class:`ModuleOracle` (``functional_call``, never an in-place perturbation), and the estimate is *accumulated* into ``p.grad`` as autograd would, so any
-    ``torch.optim`` optimizer, gradient clipping and LR scheduler work unchanged::
+    :class:`~zoblackbox.adapters.ModuleOracle` (``functional_call``, never an in-place perturbation), and the estimate is *accumulated* into ``p.grad`` as autograd would, so any
+    ``torch.optim`` optimizer, gradient clipping and LR scheduler work unchanged.
 
-        zo = ZOGradient(model, F.cross_entropy, estimator=CoordinateEstimator())
-        for inputs, targets in loader:
-            optimizer.zero_grad()
-            loss = zo.backward(inputs, targets)
-            optimizer.step()
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The module.
+    loss_fn : callable
+        ``loss_fn(outputs, targets) -> scalar tensor``.
+    estimator : Estimator or None, default None
+        The gradient estimator (``None``: ``CoordinateEstimator()``).
+    params : iterable of str or of torch.nn.Parameter, or None, default None
+        Parameter names or parameters to estimate (``None``: all trainable).
+    bn_policy : {"batch", "eval"}, default "batch"
+        BatchNorm handling during queries.
+    scheduler : zoblackbox.schedule.Scheduler or None, default None
+        Evaluates query plans (``zoblackbox.schedule``); default: the oracle itself.
+    **oracle_kwargs
+        Passed to the :class:`~zoblackbox.adapters.ModuleOracle` (``chunk_size``, ``budget``,
+        ``on_failure``, ``vectorize``).
 
-    Args:
-        model: the module.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
-        estimator: default ``CoordinateEstimator()``.
-        params: parameter names or parameters to estimate (default: all trainable).
-        bn_policy: BatchNorm handling during queries (``"batch"`` or ``"eval"``).
-        scheduler: evaluates query plans (``zoblackbox.schedule``); default the oracle itself.
-        **oracle_kwargs: passed to the ``ModuleOracle`` (``chunk_size``, ``budget``, ``on_failure``...).
+    Raises
+    ------
+    TypeError
+        ``estimator`` is not an :class:`Estimator`, or as :class:`~zoblackbox.adapters.ModuleOracle`.
+    ConfigError
+        As :class:`~zoblackbox.adapters.ModuleOracle` (``bn_policy``, ``params``, ``budget``...).
+
+    Examples
+    --------
+    One ZO step of a torch optimizer on a small regression:
+
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from zoblackbox import RandomEstimator, ZOGradient
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Linear(3, 1)
+    >>> inputs = torch.randn(32, 3)
+    >>> targets = inputs @ torch.tensor([[1.0], [-2.0], [0.5]])
+    >>> zo = ZOGradient(model, F.mse_loss, estimator=RandomEstimator(q=8, seed=0))
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    >>> losses = []
+    >>> for _ in range(60):
+    ...     optimizer.zero_grad()
+    ...     losses.append(zo.backward(inputs, targets))
+    ...     optimizer.step()
+    >>> zo.nfev, bool(losses[-1] < 0.5 * losses[0])
+    (540, True)
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, *, estimator: Estimator | None = None,
@@ -254,8 +325,22 @@ class ZOGradient:
         return self.oracle.nfev
 
     def backward(self, inputs, targets, coords=None) -> float | None:
-        """Estimate the gradient on this batch, accumulate it into ``p.grad``; returns the loss
-        at the current parameters (``None`` for schemes that do not query it)."""
+        """Estimate the gradient on this batch and accumulate it into ``p.grad``.
+
+        Parameters
+        ----------
+        inputs : torch.Tensor
+            The batch's inputs.
+        targets : torch.Tensor
+            The batch's targets.
+        coords : array_like or None, default None
+            Coordinates of the flat parameter vector to estimate (``None``: all).
+
+        Returns
+        -------
+        float or None
+            The loss at the current parameters (``None`` for schemes that do not query it).
+        """
         self.oracle.set_batch(inputs, targets)
         x = self.oracle.get_params()
         est = self.estimator.estimate(self.oracle, x, coords=coords, scheduler=self.scheduler)

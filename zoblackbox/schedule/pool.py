@@ -67,7 +67,26 @@ __all__ = ["ProcessPoolScheduler", "RemoteQueryError", "UnpicklableOracleError",
 
 # ---------------------------------------------------------------------------------------- errors
 class UnpicklableOracleError(ZOError, TypeError):
-    """The oracle cannot be serialized for worker processes (raised before any query is spent)."""
+    """The oracle cannot be serialized for worker processes (raised before any query is spent).
+
+    The message names the attribute that does not pickle. Also a :class:`TypeError`.
+
+    Examples
+    --------
+    >>> import threading, torch
+    >>> from zoblackbox import FunctionOracle, QueryPlan
+    >>> from zoblackbox.schedule import ProcessPoolScheduler, UnpicklableOracleError
+    >>> lock = threading.Lock()
+    >>> oracle = FunctionOracle(lambda x: float(lock.locked()), dim=2)
+    >>> with ProcessPoolScheduler(n_workers=1) as pool:
+    ...     try:
+    ...         pool.run(oracle, QueryPlan(torch.zeros(2), coords=[0], offsets=[0.1]))
+    ...     except UnpicklableOracleError as err:
+    ...         print(str(err)[:74])
+    FunctionOracle cannot be sent to worker processes: oracle.fn (function) is
+    >>> oracle.nfev
+    0
+    """
 
 
 class RemoteQueryError(ZOError):
@@ -75,11 +94,36 @@ class RemoteQueryError(ZOError):
 
     The rebuilt exception's class has the original class name and derives from the nearest
     built-in exception of the original (``ValueError``, ``TimeoutError``, ...), so messages and
-    ``isinstance`` checks read as if the query had run locally.
+    ``isinstance`` checks read as if the query had run locally. Built-in exceptions and
+    zoblackbox's own come back as themselves.
 
-    Attributes:
-        remote_type: the original exception's ``module.qualname``.
-        remote_traceback: the traceback text from the worker.
+    Attributes
+    ----------
+    remote_type : str
+        The original exception's ``module.qualname``.
+    remote_traceback : str
+        The traceback text from the worker.
+
+    Examples
+    --------
+    A query that raises an exception class of the user's own, in a worker process:
+
+    >>> import torch
+    >>> from zoblackbox import FunctionOracle, OracleError, QueryPlan
+    >>> from zoblackbox.schedule import ProcessPoolScheduler, RemoteQueryError
+    >>> class SolverDiverged(ValueError):
+    ...     pass
+    >>> def simulate(x):
+    ...     raise SolverDiverged("dt too large")
+    >>> with ProcessPoolScheduler(n_workers=1) as pool:
+    ...     try:
+    ...         pool.run(FunctionOracle(simulate, dim=2), QueryPlan(torch.zeros(2), coords=[0], offsets=[0.1]))
+    ...     except OracleError as err:
+    ...         cause = err.__cause__
+    >>> type(cause).__name__, isinstance(cause, RemoteQueryError), isinstance(cause, ValueError)
+    ('SolverDiverged', True, True)
+    >>> str(cause)
+    'dt too large'
     """
 
     remote_type: str = ""
@@ -95,7 +139,20 @@ class RemoteQueryError(ZOError):
 
 
 class WorkerCrashError(ZOError):
-    """A worker process died while evaluating a query, on every allowed attempt."""
+    """A worker process died while evaluating a query, on every allowed attempt.
+
+    It is a failed query of kind ``"exception"`` under the oracle's failure policy: under
+    ``"raise"`` the :class:`~zoblackbox.OracleError`'s cause, otherwise recorded in the oracle's
+    ``failures`` (the run goes on with the rest of the plan). The dead worker is replaced.
+
+    Examples
+    --------
+    >>> from zoblackbox import ZOError
+    >>> from zoblackbox.schedule import WorkerCrashError
+    >>> err = WorkerCrashError("the worker process died while evaluating this query (2 attempts)")
+    >>> isinstance(err, ZOError), str(err)
+    (True, 'the worker process died while evaluating this query (2 attempts)')
+    """
 
 
 # ---------------------------------------------------------------------------------------- oracle
@@ -614,21 +671,46 @@ class ProcessPoolScheduler(ShardedScheduler):
     programs). Losses, query counts and failure handling are the same as with
     :class:`~zoblackbox.schedule.SerialScheduler`; see ``docs/distributed.md``.
 
-    Args:
-        n_workers: worker processes (default: ``os.cpu_count()``). They start on the first
-            :meth:`run` and live until :meth:`close`.
-        timeout: per-query limit in seconds (``None``: no limit). A query that exceeds it is a
-            failed query of kind ``"timeout"`` under the oracle's failure policy; a query that does
-            not return is interrupted (SIGALRM, POSIX) or its worker process is killed and replaced.
-        shards_per_worker: shards per worker and step; more than 1 balances queries of uneven cost.
-        compute_threads: torch/OpenMP/BLAS threads per worker (1 avoids oversubscribing cores).
-        crash_retries: how many times a query whose worker process died is re-run on a fresh
-            worker before it is reported as a :class:`WorkerCrashError` failure.
-        start_timeout: seconds a worker may take to start and load the oracle.
+    Parameters
+    ----------
+    n_workers : int or None, default None
+        Worker processes, ``>= 1`` (``None``: ``os.cpu_count()``). They start on the first
+        :meth:`~zoblackbox.schedule.Scheduler.run` and live until :meth:`close`.
+    timeout : float or None, default None
+        Per-query limit in seconds, positive and finite (``None``: no limit). A query that exceeds
+        it is a failed query of kind ``"timeout"`` under the oracle's failure policy; a query that
+        does not return is interrupted (SIGALRM, POSIX) or its worker process is killed and
+        replaced.
+    shards_per_worker : int, default 1
+        Shards per worker and step, ``>= 1``; more than 1 balances queries of uneven cost.
+    compute_threads : int, default 1
+        torch/OpenMP/BLAS threads per worker, ``>= 1`` (1 avoids oversubscribing cores).
+    crash_retries : int, default 1
+        How many times (``>= 0``) a query whose worker process died is re-run on a fresh worker
+        before it is reported as a :class:`WorkerCrashError` failure.
+    start_timeout : float, default 120.0
+        Seconds a worker may take to start and load the oracle, ``> 0``.
 
-    Example:
-        >>> with ProcessPoolScheduler(n_workers=4, timeout=60) as pool:  # doctest: +SKIP
-        ...     est = CoordinateEstimator().estimate(oracle, x, scheduler=pool)
+    Raises
+    ------
+    ConfigError
+        A count not an int ``>= 1`` (``crash_retries``: ``>= 0``), or a timeout that is not a
+        positive number.
+
+    See Also
+    --------
+    DaskScheduler : the same over a Dask cluster.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import CoordinateEstimator, FunctionOracle
+    >>> from zoblackbox.schedule import ProcessPoolScheduler
+    >>> oracle = FunctionOracle(lambda x: float((x ** 2).sum()), dim=4, dtype=torch.float64)
+    >>> with ProcessPoolScheduler(n_workers=2, timeout=60) as pool:
+    ...     est = CoordinateEstimator(mu=1e-4, scheme="central").estimate(oracle, torch.ones(4), scheduler=pool)
+    >>> est.grad.round(decimals=6), oracle.nfev
+    (tensor([2., 2., 2., 2.], dtype=torch.float64), 8)
     """
 
     def __init__(self, n_workers: int | None = None, *, timeout: float | None = None, shards_per_worker: int = 1,
