@@ -30,7 +30,8 @@ import importlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,6 +179,12 @@ class AskTell:
     True
     """
 
+    # the state machine (set by _begin_iteration / _begin_final; annotations only)
+    _pending: QueryPlan | None
+    _send: torch.Tensor | None
+    _gen: Generator[QueryPlan, torch.Tensor, Any]
+    _log: list[tuple[torch.Tensor, int]]
+
     def __init__(self, x0, *, estimator: Estimator | str = "auto", optimizer="auto", lr: float | None = None,
                  budget: int | None = None, seed: int | None = 0, bounds=None, maxiter: int | None = None,
                  optimizer_kwargs: Mapping | None = None, lr_schedule: Callable[[int], float] | None = None,
@@ -270,6 +277,7 @@ class AskTell:
         if self.phase == "done":
             raise ConfigError(f"the run is done ({self.message}); nothing more to ask: call result()")
         self._asked = True
+        assert self._pending is not None  # _settle() leaves a pending ask unless the run is done
         return self._pending
 
     def ask(self):
@@ -301,10 +309,11 @@ class AskTell:
         if self.phase == "done":
             raise ConfigError(f"tell() after the run ended ({self.message}): there is no pending ask; "
                               "call result()")
-        if not self._asked:  # the losses cannot be of points the caller has not been given
-            raise ConfigError(f"tell() before ask(): call ask() for the {len(self._pending)} points to evaluate, then "
-                              "tell their losses")
         plan = self._pending
+        assert plan is not None  # _settle() leaves a pending ask unless the run is done
+        if not self._asked:  # the losses cannot be of points the caller has not been given
+            raise ConfigError(f"tell() before ask(): call ask() for the {len(plan)} points to evaluate, then "
+                              "tell their losses")
         values = _as_losses(losses, len(plan))
         spent = len(plan) if nfev is None else nfev
         if not _is_int(spent) or spent < len(plan):
@@ -358,6 +367,7 @@ class AskTell:
             if self.phase == "done" or self._iterations != finished:
                 break
             plan = self._pending
+            assert plan is not None  # _settle() leaves a pending ask unless the run is done
             keep = 0 if self.phase == "final" else self.rule.keep
             view.set_limit(None if self.budget is None else self.budget - self.nfev - keep)
             target = view if self.budget is not None else view.unwrapped  # no limit of the run's own: no view
@@ -441,9 +451,10 @@ class AskTell:
             raise Stop(f"query budget reached ({self.nfev} of {self.budget} spent)")
         own = self._own_left()
         if n > own:
+            source = self._limit_source
+            assert source is not None  # without one, _own_left() is inf
             raise Stop(f"the oracle's own budget ran out: a batch of {n} queries would exceed the budget of "
-                       f"{self._limit_source.budget} ({self._limit_source.nfev} already spent, {own} left)",
-                       success=False)
+                       f"{source.budget} ({source.nfev} already spent, {own} left)", success=False)
 
     def can_afford(self, n: int) -> bool:
         """Whether ``n`` more queries fit in the budget."""
@@ -599,9 +610,11 @@ class AskTell:
                 self._settle()
                 if self.phase == "done":
                     raise CheckpointError("the state holds losses told after its run ended")
-                if values.shape[0] != len(self._pending):
+                pending = self._pending
+                assert pending is not None  # _settle() leaves a pending ask unless the run is done
+                if values.shape[0] != len(pending):
                     raise CheckpointError(f"the state's told losses ({values.shape[0]}) do not match the replayed "
-                                          f"ask ({len(self._pending)} points)")
+                                          f"ask ({len(pending)} points)")
                 self._accept(values.to(torch.float64), int(spent))
             self._settle()
         finally:
@@ -784,6 +797,7 @@ class AskTell:
         a one-sided (or shorter) difference, never a query outside the box."""
         if self.lower is None or plan.num_perturbations == 0 and not plan.include_base:
             return plan
+        assert self.upper is not None  # bounds are set together
         lower, upper = self.lower.to(plan.base.dtype), self.upper.to(plan.base.dtype)
         base = plan.base
         if plan.include_base and bool(((base < lower) | (base > upper)).any()):
@@ -792,6 +806,7 @@ class AskTell:
             if plan.num_perturbations == 0:
                 return plan if base is plan.base else QueryPlan(base=base, include_base=True,
                                                                  directions=plan.directions, support=plan.support)
+            assert plan.directions is not None  # a plan without coords has directions
             points = base.unsqueeze(0) + plan.directions.to(base.dtype)
             inside = torch.maximum(torch.minimum(points, upper), lower)
             if base is plan.base and bool(torch.equal(inside, points)):
@@ -799,6 +814,7 @@ class AskTell:
             return QueryPlan(base=base, include_base=plan.include_base, directions=inside - base,
                              support=plan.support)
         c = plan.coords
+        assert plan.offsets is not None  # coordinate plans have offsets
         xc = base[c]
         target = xc + plan.offsets
         out = (target > upper[c]) | (target < lower[c])
@@ -1052,7 +1068,7 @@ def _check_counters(boundary: Mapping, budget: int | None, dim: int) -> None:
     """Every field of a boundary snapshot, against what a run could have written (CheckpointError
     naming the field; nothing is changed before all of them pass)."""
     for key in ("nfev", "nit", "n_failed", "iterations"):
-        v = boundary.get(key)
+        v: Any = boundary.get(key)  # _is_int checks it before the comparison
         if not _is_int(v) or v < 0:
             raise CheckpointError(f"the state's {key} is {v!r}; a run writes a non-negative int")
     if budget is not None and boundary["nfev"] > budget:
@@ -1071,7 +1087,7 @@ def _check_counters(boundary: Mapping, budget: int | None, dim: int) -> None:
     if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not math.isfinite(wall) or wall < 0:
         raise CheckpointError(f"the state's wall is {wall!r}; a run writes a finite number >= 0")
     try:
-        history = json.loads(boundary.get("history"))
+        history = json.loads(boundary.get("history"))  # type: ignore[arg-type]  # None: the TypeError below
     except (TypeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"the state's history is not JSON text: {exc}") from exc
     if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):

@@ -172,6 +172,14 @@ _REPR = reprlib.Repr()
 _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 60, 60, 8, 8, 8
 
 
+def _plan_rows(plan, start: int, device, dtype) -> Callable[[int], torch.Tensor]:
+    """Point ``start + i`` of ``plan`` for a chunk's row ``i`` (on ``device`` in ``dtype``)."""
+    def point(i: int) -> torch.Tensor:
+        return plan.point(start + i).to(device, dtype)
+
+    return point
+
+
 def short_repr(value) -> str:
     """``repr(value)``, shortened for large containers (error messages name the bad value)."""
     return _REPR.repr(value)
@@ -336,7 +344,7 @@ class Oracle:
         for start, stop in iter_chunks(n, size):
             X = plan.points(start, stop).to(device=self.device, dtype=self.dtype)
             raw = self.raw_evaluate(X)
-            out[start:stop] = self.record(raw, lambda i, s=start: plan.point(s + i).to(self.device, self.dtype))
+            out[start:stop] = self.record(raw, _plan_rows(plan, start, self.device, self.dtype))
         return out
 
     #: rows materialized at once by :meth:`evaluate_plan`
@@ -443,11 +451,12 @@ class Oracle:
 
     def failure_report(self) -> dict:
         """Counts of failed queries by kind, and how many a retry resolved."""
-        report = {"failed_queries": len(self.failures), "resolved_by_retry": 0, "by_kind": {}}
+        by_kind: dict[str, int] = {}
+        resolved = 0
         for f in self.failures:
-            report["by_kind"][f.kind] = report["by_kind"].get(f.kind, 0) + 1
-            report["resolved_by_retry"] += int(f.resolved)
-        return report
+            by_kind[f.kind] = by_kind.get(f.kind, 0) + 1
+            resolved += int(f.resolved)
+        return {"failed_queries": len(self.failures), "resolved_by_retry": resolved, "by_kind": by_kind}
 
     # ------------------------------------------------------------------ helpers
     def _check_batch(self, X) -> torch.Tensor:
@@ -563,8 +572,9 @@ class BudgetView(Oracle):
     def failures(self):
         return self.unwrapped.failures
 
+    # the view's settings are the wrapped oracle's, read-only (a base-class attribute there)
     @property
-    def policy(self) -> FailurePolicy:
+    def policy(self) -> FailurePolicy:  # type: ignore[override]
         return self.unwrapped.policy
 
     @property
@@ -580,11 +590,11 @@ class BudgetView(Oracle):
         return self.unwrapped.device
 
     @property
-    def chunk_size(self) -> int:
+    def chunk_size(self) -> int:  # type: ignore[override]
         return self.unwrapped.chunk_size
 
     @property
-    def budget(self) -> int | None:
+    def budget(self) -> int | None:  # type: ignore[override]
         """The tighter of the wrapped oracle's budget and the view's limit (absolute, in ``nfev``)."""
         own = self.unwrapped.budget
         if self.limit is None:

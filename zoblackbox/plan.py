@@ -132,7 +132,9 @@ class QueryPlan:
 
     @property
     def num_perturbations(self) -> int:
-        return int(self.coords.shape[0] if self.coords is not None else self.directions.shape[0])
+        rows = self.coords if self.coords is not None else self.directions
+        assert rows is not None  # __post_init__: a plan has coordinates or directions
+        return int(rows.shape[0])
 
     def __len__(self) -> int:
         return self.num_perturbations + int(self.include_base)
@@ -163,9 +165,11 @@ class QueryPlan:
             return X
         first_row = lo + shift - start
         if self.coords is not None:
+            assert self.offsets is not None  # __post_init__: coordinate plans have offsets
             r = torch.arange(first_row, first_row + hi - lo, device=X.device)
             c = self.coords[lo:hi].to(X.device)
             X[r, c] += self.offsets[lo:hi].to(X.device, X.dtype)
         else:
+            assert self.directions is not None
             X[first_row:] += self.directions[lo:hi].to(X.device, X.dtype)
         return X

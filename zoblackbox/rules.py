@@ -142,7 +142,7 @@ def _kinds(annotation, default) -> tuple | None:
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
         if origin in (typing.Union, types.UnionType):
             kinds = [_kinds(a, inspect.Parameter.empty) for a in args]
-            return None if any(k is None for k in kinds) else tuple(x for k in kinds for x in k)
+            return None if any(k is None for k in kinds) else tuple(x for k in kinds if k is not None for x in k)
         if origin is tuple and args and Ellipsis not in args:
             elements = [_kinds(a, inspect.Parameter.empty) for a in args]
             return None if any(k is None for k in elements) else (tuple(elements),)
@@ -206,7 +206,7 @@ def check_optimizer_kwargs(cls: type, name: str, kwargs: Mapping) -> None:
     :class:`ConfigError` naming the keyword and the value (torch would fail later, from inside a step,
     or say only ``'<=' not supported between instances of 'float' and 'str'``)."""
     try:
-        params = inspect.signature(cls.__init__).parameters
+        params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]  # the class's own __init__
     except (TypeError, ValueError):  # no signature to check against: the dry step checks what it can
         return
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -419,6 +419,7 @@ class FirstOrderRule(UpdateRule):
 
     @property
     def x(self) -> torch.Tensor:
+        assert self.param is not None, "start() first"
         return self.param.detach()
 
     def iteration(self, engine):
@@ -432,6 +433,7 @@ class FirstOrderRule(UpdateRule):
     def apply_gradient(self, grad: torch.Tensor, engine) -> None:
         """One optimizer step with ``grad``; a step that makes ``x`` non-finite is undone and stops."""
         param = self.param
+        assert param is not None, "start() first"
         self.opt.zero_grad(set_to_none=True)
         param.grad = grad.to(param.dtype)
         previous = param.detach().clone()
@@ -455,10 +457,12 @@ class FirstOrderRule(UpdateRule):
         return state
 
     def load_state_dict(self, state) -> None:
+        assert self.param is not None, "start() first"
         with torch.no_grad():
             self.param.copy_(state["x"])
         self.opt.load_state_dict(clone_tree(state["optimizer"]))
         if self.sched is not None:
+            assert self.lr_schedule is not None  # sched exists only with a schedule
             self.sched.last_epoch = int(state["lr_schedule"]["last_epoch"])
             factor = self.lr_schedule(self.sched.last_epoch)
             for group, base in zip(self.opt.param_groups, self.sched.base_lrs):

@@ -43,12 +43,13 @@ BN_POLICIES = ("batch", "eval")
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
-def resolve_params(model: nn.Module, params=None) -> list[tuple[str, nn.Parameter]]:
+def resolve_params(model: nn.Module, params=None) -> list[tuple[str, torch.Tensor]]:
     """The (name, parameter) pairs an oracle optimizes: all trainable ones, or the chosen subset.
 
     ``params`` may be ``None``, an iterable of names, or an iterable of the module's parameters.
     """
     named = list(model.named_parameters())
+    chosen: list[tuple[str, torch.Tensor]]
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
     else:
@@ -194,6 +195,8 @@ class ModuleOracle(Oracle):
         super().reserve(n)
 
     def _evaluate_batch(self, X: torch.Tensor) -> torch.Tensor:
+        if self._batch is None:  # reserve() refuses this before a query; a direct call gets the same error
+            raise ConfigError("ModuleOracle has no data batch; call set_batch(inputs, targets) first")
         inputs, targets = self._batch
         with self.query_mode():
             if self.vectorize:

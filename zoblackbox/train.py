@@ -253,7 +253,7 @@ class Trainer:
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         """The engine's ``torch.optim`` optimizer (over the flat parameter vector)."""
-        return self.engine.rule.opt
+        return self.engine.rule.opt  # type: ignore[attr-defined]  # the Trainer's rule is first-order
 
     @property
     def lr_schedule(self):
@@ -335,7 +335,7 @@ class Trainer:
         finally:
             self._wall_offset, self._t0 = self.elapsed, None
 
-    def _fit(self) -> dict:
+    def _fit(self) -> ZOResult:
         stop_reason = "completed"
         self.model.train()
         self._emit("on_fit_start")
@@ -436,7 +436,7 @@ class Trainer:
             loss_t.backward()
             loss = float(loss_t.detach())
             named = dict(self.model.named_parameters())
-            grad = self.layout.flatten({n: named[n].grad if named[n].grad is not None else torch.zeros_like(named[n])
+            grad = self.layout.flatten({n: g if (g := named[n].grad) is not None else torch.zeros_like(named[n])
                                         for n in self.layout.names})
             if self.mask is not None:
                 grad = self.mask.mask_gradient(grad)

@@ -11,6 +11,7 @@ and failure handling do not depend on which scheduler runs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
@@ -18,6 +19,14 @@ from ..oracle import Oracle
 from ..plan import QueryPlan
 
 __all__ = ["Scheduler", "SerialScheduler"]
+
+
+def _constant(x: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """The point of a one-row batch, whatever the row index."""
+    def point(_i: int) -> torch.Tensor:
+        return x
+
+    return point
 
 
 class Scheduler(ABC):
@@ -108,5 +117,5 @@ class SerialScheduler(Scheduler):
         out = torch.empty(n, dtype=torch.float64)
         for i in range(n):
             x = plan.point(i).to(device=oracle.device, dtype=oracle.dtype)
-            out[i] = oracle.record(oracle.raw_evaluate(x[None]), lambda _j, x=x: x)[0]
+            out[i] = oracle.record(oracle.raw_evaluate(x[None]), _constant(x))[0]
         return out
