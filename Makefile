@@ -31,8 +31,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# ruff, then mypy on the package (configuration: [tool.mypy] in pyproject.toml)
 lint: $(STAMP)
-	$(BIN)/ruff check zoblackbox adapters benchmarks tests
+	$(BIN)/ruff check zoblackbox adapters benchmarks tests docs
 	$(BIN)/mypy
 
 typecheck: $(STAMP)

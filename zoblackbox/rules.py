@@ -708,7 +708,7 @@ class ClosureRule(UpdateRule):
     def _nit(self) -> int:
         return int(self.opt.state[self.param].get("n_iter", 0)) if self.param in self.opt.state else 0
 
-    def iteration(self, engine):
+    def iteration(self, engine) -> Generator[QueryPlan, torch.Tensor, dict]:
         requests: queue.Queue = queue.Queue()
         replies: queue.Queue = queue.Queue()
         done = object()

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,7 @@ def _dask_task(blob: OracleBlob, source, timeout, unit_id: str, topic: str | Non
     """Worker side: evaluate one shard with the worker's copy of the oracle."""
     set_compute_threads(compute_threads)
     oracle = load_oracle(blob.token, blob.data)  # unpickled once per worker process and token
+    assert oracle is not None  # the blob carries the bytes: it always loads
     report = None
     if topic is not None:
         worker = distributed.get_worker()
@@ -148,12 +150,12 @@ class DaskScheduler(ShardedScheduler):
             raise ConfigError(f"restart_timeout must be a positive number of seconds, got {restart_timeout!r}")
         self.restart_timeout = float(restart_timeout)
         self._closed = False
-        self._cluster = None
-        self.client = None
+        self._cluster: Any = None  # distributed.LocalCluster (distributed is untyped)
+        self.client: Any = None  # distributed.Client
         self._owns_client = client is None
         self._topic: str | None = None
         self._blob: OracleBlob | None = None
-        self._blob_future = None
+        self._blob_future: Any = None  # distributed.Future of the scattered oracle
         self._progress: dict[str, tuple[int, str, float]] = {}
         self._progress_lock = threading.Lock()
         if client is not None:
@@ -250,6 +252,7 @@ class DaskScheduler(ShardedScheduler):
                         if reships > 3:
                             raise ZOError(f"the oracle was lost from the Dask cluster {reships} times in one "
                                           "step: every worker holding it died")
+                        assert self._blob is not None  # shipped before the first submit
                         blob_future = self._ship(self._blob)
                         pending.append(unit)
                     elif exc is None:  # cancelled by the cluster (lost dependencies): run it again
@@ -299,6 +302,7 @@ class DaskScheduler(ShardedScheduler):
         if seen is None:
             return False
         j, address, since = seen
+        assert self.timeout is not None  # only called with a timeout
         if now - since <= self.timeout + self.hang_grace:
             return False
         future.cancel()

@@ -47,7 +47,7 @@ import traceback
 import weakref
 from abc import abstractmethod
 from collections import Counter, deque
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -268,7 +268,7 @@ class Unit:
     """A shard in flight: plan indices ``start .. start + len(source) - 1``."""
 
     start: int
-    source: object  # QueryPlan or tensor of points
+    source: QueryPlan | torch.Tensor  # a plan's queries or a tensor of points
 
     def __len__(self) -> int:
         return len(self.source)
@@ -321,7 +321,7 @@ class ErrorInfo:
             return _rebuild_remote_error(self.name, f"{self.module}.{self.qualname}", self.builtin_base,
                                          self.message, self.traceback)
         if self.traceback:
-            exc.remote_traceback = self.traceback
+            exc.remote_traceback = self.traceback  # type: ignore[attr-defined]  # kept for the user
         return exc
 
     def _native(self) -> BaseException | None:
@@ -351,7 +351,7 @@ def _rebuild_remote_error(name: str, remote_type: str, builtin_base: str | None,
     cls = _REMOTE_CLASSES.get(key)
     if cls is None:
         base = getattr(builtins, builtin_base or "", None)
-        bases = (RemoteQueryError,)
+        bases: tuple[type, ...] = (RemoteQueryError,)
         if isinstance(base, type) and issubclass(base, Exception) and base is not Exception:
             bases = (RemoteQueryError, base)
         try:
@@ -454,6 +454,7 @@ def evaluate_source(oracle: Oracle, source, timeout: float | None, on_query=None
             with _alarm(timeout):
                 raw = oracle.raw_evaluate(x[None])
         except _AlarmInterrupt:
+            assert timeout is not None  # the alarm is set only with a timeout
             errors.append((j, ErrorInfo.timeout(timeout)))
             continue
         except Exception as exc:  # noqa: BLE001 - raw_evaluate itself failed: the step must stop
@@ -594,6 +595,7 @@ def _init_pool_worker(progress_path: str, compute_threads: int) -> None:
 
 def _pool_task(task_id: int, token: str, data: bytes | None, source, timeout: float | None):
     progress = _WorkerState.progress
+    assert progress is not None  # set by _init_pool_worker
     progress.write(task_id, -1)
     oracle = load_oracle(token, data)
     if oracle is None:
@@ -605,7 +607,7 @@ def _pool_task(task_id: int, token: str, data: bytes | None, source, timeout: fl
 class _Task:
     unit: Unit
     task_id: int
-    future: object
+    future: Future
     seen: tuple = ()  # last (started, query) read from the progress record
     seen_at: float = 0.0
 
@@ -618,7 +620,7 @@ class _Slot:
         self.directory = directory
         self.compute_threads = compute_threads
         self.generation = 0
-        self.executor = None
+        self.executor: ProcessPoolExecutor | None = None
         self.progress: _ProgressRecord | None = None
         self.progress_path: str | None = None
         self.token: str | None = None  # oracle the current worker process holds
@@ -640,20 +642,22 @@ class _Slot:
                                                 initargs=(path, self.compute_threads),
                                                 env=compute_env(self.compute_threads))
         data = None if self.token == blob.token else blob.data
+        assert self.executor is not None
         future = self.executor.submit(_pool_task, task_id, blob.token, data, unit.source, timeout)
         self.task = _Task(unit, task_id, future, seen_at=time.monotonic())
         return self.task
 
     def restart(self) -> None:
         """Kill the worker process (and its children); a new one starts on the next submit."""
-        executor, progress = self.executor, self.progress
+        executor, progress, path = self.executor, self.progress, self.progress_path
         self.executor, self.progress, self.token, self.task = None, None, None, None
         if executor is not None:
             executor.shutdown(wait=False, kill_workers=True)
         if progress is not None:
             progress.close()
-            with contextlib.suppress(OSError):
-                os.remove(self.progress_path)
+            if path is not None:  # set with progress
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
 
 def _shutdown_slots(slots: list[_Slot], directory: str | None) -> None:
@@ -727,7 +731,7 @@ class ProcessPoolScheduler(ShardedScheduler):
         self._directory: str | None = None
         self._task_ids = itertools.count(1)
         self._closed = False
-        self._finalizer = None
+        self._finalizer: weakref.finalize | None = None
 
     def __repr__(self) -> str:
         return (f"ProcessPoolScheduler(n_workers={self.n_workers}, timeout={self.timeout}, "
@@ -756,7 +760,7 @@ class ProcessPoolScheduler(ShardedScheduler):
         pending = deque(units)
         crashes: Counter = Counter()  # plan index -> worker deaths while evaluating it
         lost_starts = 0  # worker deaths before a task reached its first query
-        busy: dict[object, _Slot] = {}
+        busy: dict[Future, _Slot] = {}
         poll = 0.5 if self.timeout is None else min(0.1, self.timeout / 4)
         try:
             while pending or busy:
@@ -767,7 +771,9 @@ class ProcessPoolScheduler(ShardedScheduler):
                 done, _ = wait(list(busy), timeout=poll, return_when=FIRST_COMPLETED)
                 for future in done:
                     slot = busy.pop(future)
-                    task, slot.task = slot.task, None
+                    finished, slot.task = slot.task, None
+                    assert finished is not None  # a busy slot has a task
+                    task = finished
                     exc = future.exception()
                     if exc is None:
                         result = future.result()
@@ -795,6 +801,7 @@ class ProcessPoolScheduler(ShardedScheduler):
 
     def _on_crash(self, slot: _Slot, task: _Task, exc, crashes: Counter, pending: deque, errors: dict) -> int:
         """Requeue the shard of a dead worker; returns 1 when it died before its first query."""
+        assert slot.progress is not None  # a busy slot has a progress record
         task_id, j = slot.progress.read()
         slot.restart()
         if task_id != task.task_id or j < 0:
@@ -812,6 +819,7 @@ class ProcessPoolScheduler(ShardedScheduler):
     def _watch(self, slot: _Slot, now: float, pending: deque, errors: dict) -> bool:
         """Check a busy worker's progress; kill it when a query hangs (returns True then)."""
         task = slot.task
+        assert task is not None and slot.progress is not None  # a busy slot
         task_id, j = slot.progress.read()
         seen = (task_id == task.task_id, j)
         if seen != task.seen:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,10 +131,11 @@ class FeatureReuseScheduler(Scheduler):
         fallback = VectorizedScheduler(self.memory_budget, max_chunk=self.max_chunk)
         if staging is None:
             return fallback.run(oracle, plan)
+        module: Any = oracle  # a ModuleOracle, or the engine's counting view of one (attributes forwarded)
         oracle.reserve(len(plan))
         inputs, targets = module_batch(oracle)
-        base = oracle.layout.unflatten(plan.base.to(device=oracle.device, dtype=oracle.dtype))
-        with torch.no_grad(), oracle.query_mode():
+        base = module.layout.unflatten(plan.base.to(device=oracle.device, dtype=oracle.dtype))
+        with torch.no_grad(), module.query_mode():
             try:
                 step = _StepCache(staging, oracle, base, inputs, targets)
             except Exception:  # noqa: BLE001 - the base forward failed: let every query fail on its own
@@ -159,7 +161,9 @@ class FeatureReuseScheduler(Scheduler):
         and restarts with batched parameters (opaque units, direction plans, no deltas)."""
         layout = oracle.layout
         itemsize = torch.empty((), dtype=oracle.dtype).element_size()
-        base_idx, by_start, jobs = None, {}, []
+        base_idx: torch.Tensor | None = None
+        by_start: dict[int, list] = {}
+        jobs: list[_RestartJob | _DeltaJob] = []
         for tensors, idx in query_groups(plan, layout):
             if not tensors:
                 base_idx = idx
@@ -277,9 +281,10 @@ class _StepCache:
     def __init__(self, staging: Staging, oracle, base, inputs, targets):
         self.staging, self.base, self.model = staging, base, oracle.model
         self.loss = QueryLoss(oracle.loss_fn, targets)
-        self.acts, self.peaks, skips = [inputs], [], []
+        skips: list = []
+        self.acts, self.peaks = [inputs], []
         for unit in staging.units:
-            sizes = []
+            sizes: list[int] = []
 
             def hook(_m, _a, out, sizes=sizes):
                 if isinstance(out, torch.Tensor):
@@ -421,6 +426,7 @@ class _StepCache:
         """The stacked input ``(K, ...)`` of unit ``_dense_start(route)`` for coordinate steps (plan
         queries ``chunk``) that all perturb one tensor of unit ``u``: explicit delta, carried band."""
         rows = chunk.to(plan.base.device) - int(plan.include_base)
+        assert plan.coords is not None and plan.offsets is not None  # a coordinate plan
         coords = plan.coords[rows]
         t = int(layout.block_index(coords[:1]))
         name, lo = layout.names[t], layout.offsets[t]
