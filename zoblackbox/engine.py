@@ -31,18 +31,22 @@ import json
 import math
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ._types import ArrayLike, BoundsLike
 from .errors import BudgetExhaustedError, CheckpointError, ConfigError, OracleError
-from .estimators import CoordinateEstimator, Estimator, RandomEstimator, StepUnderflow
+from .estimators import CoordinateEstimator, Estimate, Estimator, RandomEstimator, StepUnderflow
 from .oracle import BudgetView, FailurePolicy, Oracle, short_repr
 from .plan import QueryPlan, _is_int
 from .result import ZOResult
 from .rules import LBFGSRule, Stop, UpdateRule, make_rule
 from .strategy import PROBE_POINTS, AutoStrategy
+
+if TYPE_CHECKING:
+    from .schedule.base import Scheduler
 
 __all__ = ["AUTO_MIN_CGE_STEPS", "AUTO_RGE_Q", "AskTell", "BudgetView", "auto_estimator"]
 
@@ -185,11 +189,13 @@ class AskTell:
     _gen: Generator[QueryPlan, torch.Tensor, Any]
     _log: list[tuple[torch.Tensor, int]]
 
-    def __init__(self, x0, *, estimator: Estimator | str = "auto", optimizer="auto", lr: float | None = None,
-                 budget: int | None = None, seed: int | None = 0, bounds=None, maxiter: int | None = None,
+    def __init__(self, x0: ArrayLike, *, estimator: Estimator | str = "auto",
+                 optimizer: str | type[torch.optim.Optimizer] | UpdateRule = "auto", lr: float | None = None,
+                 budget: int | None = None, seed: int | None = 0, bounds: BoundsLike | None = None,
+                 maxiter: int | None = None,
                  optimizer_kwargs: Mapping | None = None, lr_schedule: Callable[[int], float] | None = None,
                  on_failure: FailurePolicy | str = "raise", evaluate_final: bool = True,
-                 dtype: torch.dtype | None = None, device=None):
+                 dtype: torch.dtype | None = None, device: str | torch.device | None = None):
         x, self._numpy = start_point(x0, dtype, device)
         self.dim, self.dtype, self.device = int(x.shape[0]), x.dtype, x.device
         if budget is not None and (not _is_int(budget) or budget < 0):
@@ -280,14 +286,14 @@ class AskTell:
         assert self._pending is not None  # _settle() leaves a pending ask unless the run is done
         return self._pending
 
-    def ask(self):
+    def ask(self) -> np.ndarray | torch.Tensor:
         """The points to evaluate next: a 2-D array, one row per point (numpy when ``x0`` was numpy).
 
         Asking again before :meth:`tell` returns the same points.
         """
         return self._out(self.ask_plan().points())
 
-    def tell(self, losses, *, nfev: int | None = None) -> None:
+    def tell(self, losses: ArrayLike, *, nfev: int | None = None) -> None:
         """Report the losses of the points of the last :meth:`ask`, one per row, in order.
 
         Parameters
@@ -353,7 +359,7 @@ class AskTell:
         )
 
     # ------------------------------------------------------------------ driving through an oracle
-    def step(self, oracle: Oracle, scheduler=None) -> dict | None:
+    def step(self, oracle: Oracle, scheduler: Scheduler | None = None) -> dict | None:
         """Run one iteration against ``oracle`` (through ``scheduler`` if given); returns its
         history record, or ``None`` when the run ended without finishing another iteration.
 
@@ -422,7 +428,7 @@ class AskTell:
         self._end_iteration({"f0": f0, "grad_norm": float(grad.norm()), "n_failed": 0, "_grad": grad})
         return self.history[-1] if self._iterations != finished else None
 
-    def run(self, oracle: Oracle, scheduler=None) -> ZOResult:
+    def run(self, oracle: Oracle, scheduler: Scheduler | None = None) -> ZOResult:
         """Run to the end against ``oracle``; returns :meth:`result`."""
         self._limit_source = self._view(oracle).unwrapped  # before the first plan is built
         while not self.done:
@@ -460,7 +466,8 @@ class AskTell:
         """Whether ``n`` more queries fit in the budget."""
         return (self.budget is None or self.nfev + n <= self.budget) and n <= self._own_left()
 
-    def gradient_estimate(self, x: torch.Tensor, *, keep: int = 0, f0: float | None = None, checked: bool = False):
+    def gradient_estimate(self, x: torch.Tensor, *, keep: int = 0, f0: float | None = None,
+                          checked: bool = False) -> Generator[QueryPlan, torch.Tensor, Estimate]:
         """A generator that asks for the estimator's plan at ``x`` and returns the
         :class:`~zoblackbox.estimators.Estimate`; with ``f0`` (the known loss at ``x``) a forward
         plan skips its base query. The budget is checked before the plan is built."""
@@ -492,7 +499,8 @@ class AskTell:
         if self.lower is not None:
             x.clamp_(min=self.lower.to(x.dtype), max=self.upper.to(x.dtype))
 
-    def observe(self, record: dict, *, x, grad, nit, call_back: bool = True) -> Stop | None:
+    def observe(self, record: dict, *, x: torch.Tensor, grad: torch.Tensor | None, nit: int,
+                call_back: bool = True) -> Stop | None:
         """Record an intermediate point of a rule whose iteration spans many asks (closure
         optimizers); returns a ``Stop`` when an observer asks to stop."""
         self._append_history(record, nit=nit)

@@ -84,7 +84,7 @@ class OracleError(ZOError):
     nonfinite 0
     """
 
-    def __init__(self, message: str, *, query_index: int | None = None, value=None, kind: str = ""):
+    def __init__(self, message: str, *, query_index: int | None = None, value: object = None, kind: str = ""):
         super().__init__(message)
         self.query_index = query_index
         self.value = value

@@ -18,18 +18,24 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from . import directions as _directions
 from . import shaping as _shaping
+from ._types import ArrayLike, CoordsLike
 from .directions import Directions, directions_from
 from .errors import ConfigError
 from .oracle import Oracle, as_vector, short_repr
 from .plan import QueryPlan
 from .shaping import FitnessShaping, shaping_from
+
+if TYPE_CHECKING:
+    from .schedule.base import Scheduler
 
 __all__ = ["MAX_MU", "MAX_Q", "CoordinateEstimator", "Estimate", "Estimator", "RandomEstimator", "StepUnderflow"]
 
@@ -168,7 +174,7 @@ class Estimator(ABC):
     """
 
     @abstractmethod
-    def plan(self, x: torch.Tensor, coords=None) -> QueryPlan:
+    def plan(self, x: torch.Tensor, coords: CoordsLike | None = None) -> QueryPlan:
         """The queries needed to estimate the gradient at ``x`` (restricted to ``coords``)."""
 
     @abstractmethod
@@ -190,7 +196,8 @@ class Estimator(ABC):
         loss noise, where the estimator can say (``None`` otherwise)."""
         return None
 
-    def estimate(self, oracle, x, coords=None, scheduler=None, f0: float | None = None) -> Estimate:
+    def estimate(self, oracle: Oracle, x: ArrayLike, coords: CoordsLike | None = None,
+                 scheduler: Scheduler | None = None, f0: float | None = None) -> Estimate:
         """Estimate the gradient of ``oracle`` at ``x``.
 
         Parameters
@@ -328,7 +335,7 @@ class CoordinateEstimator(Estimator):
         n = dim if n_coords is None else n_coords
         return 2 * n if self.scheme == "central" else n + 1
 
-    def plan(self, x, coords=None) -> QueryPlan:
+    def plan(self, x: torch.Tensor, coords: CoordsLike | None = None) -> QueryPlan:
         c = _check_coords(coords, x.shape[0], x.device)
         xc = x[c]
         h = self._steps(xc)
@@ -340,11 +347,12 @@ class CoordinateEstimator(Estimator):
         _check_steps(down, x, c, self.mu)
         return QueryPlan(base=x, include_base=False, coords=torch.cat([c, c]), offsets=torch.cat([up, down]))
 
-    def combine(self, plan, losses) -> Estimate:
+    def combine(self, plan: QueryPlan, losses: torch.Tensor) -> Estimate:
         losses = losses.to(torch.float64)
         x = plan.base
         grad = torch.zeros(x.shape[0], dtype=torch.float64, device=losses.device)
         n_failed = int((~torch.isfinite(losses)).sum())
+        assert plan.coords is not None and plan.offsets is not None  # a coordinate plan, as plan() builds
         steps = plan.offsets.to(losses.device, torch.float64)
         if plan.include_base:  # forward
             f0 = float(losses[0])
@@ -516,7 +524,7 @@ class RandomEstimator(Estimator):
                               f"({self.q}, {n}), got {got}")
         return u.to(device="cpu", dtype=torch.float64)
 
-    def plan(self, x, coords=None) -> QueryPlan:
+    def plan(self, x: torch.Tensor, coords: CoordsLike | None = None) -> QueryPlan:
         c = _check_coords(coords, x.shape[0], x.device)
         u = torch.zeros(self.q, x.shape[0], dtype=x.dtype, device=x.device)
         u[:, c] = self.sample(c.shape[0]).to(device=x.device, dtype=x.dtype)
@@ -530,9 +538,10 @@ class RandomEstimator(Estimator):
                              support=c.shape[0])
         return QueryPlan(base=x, include_base=True, directions=steps, support=c.shape[0])
 
-    def combine(self, plan, losses) -> Estimate:
+    def combine(self, plan: QueryPlan, losses: torch.Tensor) -> Estimate:
         losses = losses.to(torch.float64)
         x = plan.base
+        assert plan.directions is not None  # a direction plan, as plan() builds
         U = plan.directions.to(losses.device, torch.float64) / self.mu
         n_failed = int((~torch.isfinite(losses)).sum())
         if plan.include_base:
@@ -560,7 +569,7 @@ class RandomEstimator(Estimator):
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state) -> None:
+    def load_state_dict(self, state: Mapping) -> None:
         """Load :meth:`state_dict`; a state that is not this generator's (a uint8 tensor of its size that
         torch accepts) is a CheckpointError naming ``estimator.generator``, and nothing changes."""
         from .checkpoint import check_rng_state, field_of

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ._types import ArrayLike, BoundsLike
 from .callbacks import Checkpointer, JSONLinesLog, ProgressBar, ScipyCallback, default_progress
 from .engine import AUTO_MIN_CGE_STEPS, AUTO_RGE_Q, AskTell, auto_estimator, start_point
 from .errors import ConfigError
@@ -26,6 +28,10 @@ from .oracle import FunctionOracle, Oracle, as_vector, short_repr
 from .result import ZOResult
 from .rules import OPTIMIZERS, SignSGD, make_optimizer
 from .torch_module import ZOGradient
+
+if TYPE_CHECKING:
+    from .rules import UpdateRule
+    from .schedule.base import Scheduler
 
 __all__ = ["AUTO_MIN_CGE_STEPS", "AUTO_RGE_Q", "OPTIMIZERS", "SignSGD", "ZOGradient", "as_oracle", "auto_estimator",
            "make_optimizer", "minimize"]
@@ -58,19 +64,19 @@ def as_oracle(fun, x0, *, vectorized: bool = False) -> tuple[Oracle, torch.Tenso
 
 
 def minimize(
-    fun,
-    x0,
+    fun: Callable[..., Any] | Oracle,
+    x0: ArrayLike,
     *,
     estimator: Estimator | str = "auto",
-    optimizer="auto",
+    optimizer: str | type[torch.optim.Optimizer] | UpdateRule = "auto",
     lr: float | None = None,
     budget: int | None = None,
     maxiter: int | None = None,
     callback: Callable | None = None,
-    scheduler=None,
+    scheduler: Scheduler | None = None,
     optimizer_kwargs: dict | None = None,
     vectorized: bool = False,
-    bounds=None,
+    bounds: BoundsLike | None = None,
     seed: int | None = 0,
     lr_schedule: Callable[[int], float] | None = None,
     progress: bool | None = False,

@@ -25,10 +25,15 @@ import math
 import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ._types import BatchLike
+
+if TYPE_CHECKING:
+    from .plan import QueryPlan
 from .errors import BudgetExhaustedError, ConfigError, OracleError
 
 __all__ = [
@@ -322,14 +327,14 @@ class Oracle:
         x = as_vector(x, dim=self.dim, dtype=self.dtype, device=self.device)
         return float(self.evaluate(x[None])[0])
 
-    def evaluate(self, X) -> torch.Tensor:
+    def evaluate(self, X: BatchLike) -> torch.Tensor:
         """Losses at the ``K`` rows of ``X`` (shape ``(K, dim)``) as a float64 tensor of length K."""
         X = self._check_batch(X)
         self.reserve(X.shape[0])
         raw = self.raw_evaluate(X)
         return self.record(raw, lambda i: X[i])
 
-    def evaluate_plan(self, plan, chunk_size: int | None = None) -> torch.Tensor:
+    def evaluate_plan(self, plan: QueryPlan, chunk_size: int | None = None) -> torch.Tensor:
         """Losses of every query of a :class:`~zoblackbox.plan.QueryPlan`, in plan order.
 
         The whole plan is reserved against the budget before the first query; points are
@@ -613,7 +618,7 @@ class BudgetView(Oracle):
         if inner is not Oracle.reserve:  # the oracle checks something of its own (e.g. a batch is set)
             self.unwrapped.reserve(n)
 
-    def raw_evaluate(self, X):
+    def raw_evaluate(self, X: torch.Tensor) -> RawResult:
         return self.unwrapped.raw_evaluate(X)
 
     def __getattr__(self, name):
@@ -685,7 +690,7 @@ class FunctionOracle(Oracle):
     def _evaluate_one(self, x):
         return self.fn(self._convert(x))
 
-    def raw_evaluate(self, X):
+    def raw_evaluate(self, X: torch.Tensor) -> RawResult:
         if not self.vectorized:
             return super().raw_evaluate(X)
         with torch.no_grad():

@@ -30,7 +30,7 @@ import types
 import typing
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -76,11 +76,11 @@ class SignSGD(torch.optim.Optimizer):
     tensor([ 0.9000, -1.9000,  0.5000])
     """
 
-    def __init__(self, params, lr: float = 1e-3):
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-3):
         super().__init__(params, {"lr": check_lr(lr)})
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # torch overloads step
         """One step on every parameter with a gradient.
 
         Parameters

@@ -26,16 +26,21 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from ._types import ArrayLike, CoordsLike
 from .errors import ConfigError
 from .estimators import CoordinateEstimator, Estimate, Estimator
 from .oracle import Oracle
 from .params import ParamLayout
+
+if TYPE_CHECKING:
+    from .schedule.base import Scheduler
 
 __all__ = ["BN_POLICIES", "ModuleOracle", "ZOGradient", "resolve_params"]
 
@@ -169,7 +174,7 @@ class ModuleOracle(Oracle):
         """The current ``(inputs, targets)``, or ``None`` before :meth:`set_batch`."""
         return self._batch
 
-    def set_batch(self, inputs, targets) -> None:
+    def set_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """The data batch the loss is computed on (moved to the parameters' device)."""
         self._batch = (_to(inputs, self.device), _to(targets, self.device))
 
@@ -178,7 +183,7 @@ class ModuleOracle(Oracle):
         named = dict(self.model.named_parameters())
         return self.layout.flatten({n: named[n] for n in self.layout.names})
 
-    def set_params(self, x) -> None:
+    def set_params(self, x: ArrayLike) -> None:
         """Copy the flat vector ``x`` into the module's parameters."""
         named = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -215,7 +220,7 @@ class ModuleOracle(Oracle):
         return fn(batched)
 
     @contextlib.contextmanager
-    def query_mode(self):
+    def query_mode(self) -> Iterator[None]:
         """Modules in query mode: dropout off; BatchNorm per ``bn_policy``, running stats untouched."""
         modes = {m: m.training for m in self.model.modules()}
         tracking = {}
@@ -237,7 +242,7 @@ class ModuleOracle(Oracle):
     def has_batchnorm(self) -> bool:
         return any(isinstance(m, _BN_TYPES) for m in self.model.modules())
 
-    def update_bn_stats(self, x=None) -> None:
+    def update_bn_stats(self, x: torch.Tensor | None = None) -> None:
         """One training-mode forward at ``x`` (default: the module's values) to update BatchNorm
         running statistics; a no-op for models without BatchNorm or with ``bn_policy="eval"``."""
         if self.bn_policy != "batch" or not self.has_batchnorm() or self._batch is None:
@@ -313,7 +318,8 @@ class ZOGradient:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, *, estimator: Estimator | None = None,
-                 params: Iterable | None = None, bn_policy: str = "batch", scheduler=None, **oracle_kwargs):
+                 params: Iterable | None = None, bn_policy: str = "batch", scheduler: Scheduler | None = None,
+                 **oracle_kwargs):
         self.estimator = CoordinateEstimator() if estimator is None else estimator
         if not isinstance(self.estimator, Estimator):
             raise TypeError(f"estimator must be a zoblackbox Estimator, got {self.estimator!r}")
@@ -327,7 +333,8 @@ class ZOGradient:
         """Queries spent so far (all batches)."""
         return self.oracle.nfev
 
-    def backward(self, inputs, targets, coords=None) -> float | None:
+    def backward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                 coords: CoordsLike | None = None) -> float | None:
         """Estimate the gradient on this batch and accumulate it into ``p.grad``.
 
         Parameters

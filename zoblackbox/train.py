@@ -27,8 +27,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,11 @@ from .result import ZOResult
 from .schedules import Constant, WarmupCosine
 from .sparsity import SparseSchedule
 from .trainer_parts import HOOKS, EpochProgress, FailureLog, MaskRedraw, MetricsLog, TrainerCheckpoints, check_parts
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from .schedule.base import Scheduler
 
 __all__ = ["Trainer", "warmup_cosine"]
 
@@ -172,10 +178,13 @@ class Trainer:
     True
     """
 
-    def __init__(self, model: nn.Module, train_loader, test_loader=None, *, loss_fn: Callable = F.cross_entropy,
-                 method: str = "zo", estimator: Estimator | None = None, optimizer="adam", lr: float = 1e-3,
+    def __init__(self, model: nn.Module, train_loader: DataLoader, test_loader: DataLoader | None = None, *,
+                 loss_fn: Callable = F.cross_entropy,
+                 method: str = "zo", estimator: Estimator | None = None,
+                 optimizer: str | type[torch.optim.Optimizer] = "adam", lr: float = 1e-3,
                  optimizer_kwargs: dict | None = None, lr_schedule: str = "cosine", warmup_steps: int = 0,
-                 epochs: int = 10, budget: int | None = None, bn_policy: str = "batch", scheduler=None,
+                 epochs: int = 10, budget: int | None = None, bn_policy: str = "batch",
+                 scheduler: Scheduler | None = None,
                  device: str | torch.device = "cpu", output_dir: str | Path | None = None,
                  checkpoint_every: int = 1, progress: bool = True, oracle_kwargs: dict | None = None,
                  sparse: SparseSchedule | None = None, checkpoint_every_steps: int | None = None,
@@ -281,7 +290,7 @@ class Trainer:
         return self._wall_offset if self._t0 is None else time.perf_counter() - self._t0
 
     @torch.no_grad()
-    def evaluate(self, loader) -> dict:
+    def evaluate(self, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
         """Mean loss and accuracy over a loader (a white-box metric, not counted as queries)."""
         was_training = self.model.training
         self.model.eval()

@@ -131,8 +131,9 @@ class DaskScheduler(ShardedScheduler):
             res = minimize(oracle, x0, budget=2_000, scheduler=cluster)
     """
 
-    def __init__(self, address: str | None = None, *, client=None, n_workers: int | None = None,
-                 timeout: float | None = None, security=None, shards_per_worker: int = 1,
+    def __init__(self, address: str | None = None, *, client: distributed.Client | None = None,
+                 n_workers: int | None = None, timeout: float | None = None,
+                 security: distributed.security.Security | None = None, shards_per_worker: int = 1,
                  compute_threads: int = 1, start_timeout: float = 120.0, restart_timeout: float = 60.0):
         super().__init__(timeout=timeout, shards_per_worker=shards_per_worker, compute_threads=compute_threads,
                          start_timeout=start_timeout)
