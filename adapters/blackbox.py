@@ -300,6 +300,8 @@ class LatentOracle(Oracle):
 
     def _evaluate_batch(self, X: torch.Tensor) -> torch.Tensor:
         z, idx = X[:, :-1], X[:, -1].round().long()
+        if self.targets is None:  # reserve() refuses this before a query; a direct call gets the same error
+            raise ConfigError("LatentOracle has no targets; call set_targets(labels) first")
         with _eval_mode(self.decoder):
             logits = self.blackbox.logits(self.decoder(z))
         return F.cross_entropy(logits.double(), self.targets[idx], reduction="none")
@@ -379,6 +381,8 @@ class DenoiserOracle(Oracle):
 
         vmap batches only the varying tensors, so the layers before the first of them run once.
         """
+        if self.batch is None:  # reserve() refuses this before a query; a direct call gets the same error
+            raise ConfigError("DenoiserOracle has no data batch; call set_batch(inputs, targets) first")
         inputs, targets = self.batch
         with torch.no_grad(), _eval_mode(self.denoiser):
             if varying:
@@ -508,7 +512,8 @@ def _epoch_loop(images, epochs, batch_size, seed, step_fn, report) -> TrainingRe
     also draws the noise from), the per-epoch mean loss in ``report.history``. ``step_fn`` returns
     the step's loss, or ``None`` when training has to stop (that batch is not counted)."""
     g = torch.Generator().manual_seed(seed)
-    t0, losses, last_epoch = time.perf_counter(), [], 0
+    losses: list[float] = []
+    t0, last_epoch = time.perf_counter(), 0
     for epoch, idx in _batches(images.shape[0], batch_size, epochs, g):
         if epoch != last_epoch:
             report.history.append({"epoch": last_epoch + 1, "loss": sum(losses) / max(1, len(losses))})
