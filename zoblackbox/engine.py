@@ -31,12 +31,12 @@ import json
 import math
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from ._types import ArrayLike, BoundsLike
+from ._types import ArrayLike, BoundsLike, SchedulerLike
 from .errors import BudgetExhaustedError, CheckpointError, ConfigError, OracleError
 from .estimators import CoordinateEstimator, Estimate, Estimator, RandomEstimator, StepUnderflow
 from .oracle import BudgetView, FailurePolicy, Oracle, short_repr
@@ -44,9 +44,6 @@ from .plan import QueryPlan, _is_int
 from .result import ZOResult
 from .rules import LBFGSRule, Stop, UpdateRule, make_rule
 from .strategy import PROBE_POINTS, AutoStrategy
-
-if TYPE_CHECKING:
-    from .schedule.base import Scheduler
 
 __all__ = ["AUTO_MIN_CGE_STEPS", "AUTO_RGE_Q", "AskTell", "BudgetView", "auto_estimator"]
 
@@ -359,7 +356,7 @@ class AskTell:
         )
 
     # ------------------------------------------------------------------ driving through an oracle
-    def step(self, oracle: Oracle, scheduler: Scheduler | None = None) -> dict | None:
+    def step(self, oracle: Oracle, scheduler: SchedulerLike | None = None) -> dict | None:
         """Run one iteration against ``oracle`` (through ``scheduler`` if given); returns its
         history record, or ``None`` when the run ended without finishing another iteration.
 
@@ -428,7 +425,7 @@ class AskTell:
         self._end_iteration({"f0": f0, "grad_norm": float(grad.norm()), "n_failed": 0, "_grad": grad})
         return self.history[-1] if self._iterations != finished else None
 
-    def run(self, oracle: Oracle, scheduler: Scheduler | None = None) -> ZOResult:
+    def run(self, oracle: Oracle, scheduler: SchedulerLike | None = None) -> ZOResult:
         """Run to the end against ``oracle``; returns :meth:`result`."""
         self._limit_source = self._view(oracle).unwrapped  # before the first plan is built
         while not self.done:

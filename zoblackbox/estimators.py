@@ -20,22 +20,18 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from . import directions as _directions
 from . import shaping as _shaping
-from ._types import ArrayLike, CoordsLike
+from ._types import ArrayLike, CoordsLike, SchedulerLike
 from .directions import Directions, directions_from
 from .errors import ConfigError
 from .oracle import Oracle, as_vector, short_repr
 from .plan import QueryPlan
 from .shaping import FitnessShaping, shaping_from
-
-if TYPE_CHECKING:
-    from .schedule.base import Scheduler
 
 __all__ = ["MAX_MU", "MAX_Q", "CoordinateEstimator", "Estimate", "Estimator", "RandomEstimator", "StepUnderflow"]
 
@@ -197,7 +193,7 @@ class Estimator(ABC):
         return None
 
     def estimate(self, oracle: Oracle, x: ArrayLike, coords: CoordsLike | None = None,
-                 scheduler: Scheduler | None = None, f0: float | None = None) -> Estimate:
+                 scheduler: SchedulerLike | None = None, f0: float | None = None) -> Estimate:
         """Estimate the gradient of ``oracle`` at ``x``.
 
         Parameters

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ._types import ArrayLike, BoundsLike
+from ._types import ArrayLike, BoundsLike, SchedulerLike
 from .callbacks import Checkpointer, JSONLinesLog, ProgressBar, ScipyCallback, default_progress
 from .engine import AUTO_MIN_CGE_STEPS, AUTO_RGE_Q, AskTell, auto_estimator, start_point
 from .errors import ConfigError
@@ -31,7 +31,6 @@ from .torch_module import ZOGradient
 
 if TYPE_CHECKING:
     from .rules import UpdateRule
-    from .schedule.base import Scheduler
 
 __all__ = ["AUTO_MIN_CGE_STEPS", "AUTO_RGE_Q", "OPTIMIZERS", "SignSGD", "ZOGradient", "as_oracle", "auto_estimator",
            "make_optimizer", "minimize"]
@@ -73,7 +72,7 @@ def minimize(
     budget: int | None = None,
     maxiter: int | None = None,
     callback: Callable | None = None,
-    scheduler: Scheduler | None = None,
+    scheduler: SchedulerLike | None = None,
     optimizer_kwargs: dict | None = None,
     vectorized: bool = False,
     bounds: BoundsLike | None = None,

@@ -27,20 +27,16 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from ._types import ArrayLike, CoordsLike
+from ._types import ArrayLike, CoordsLike, SchedulerLike
 from .errors import ConfigError
 from .estimators import CoordinateEstimator, Estimate, Estimator
 from .oracle import Oracle
 from .params import ParamLayout
-
-if TYPE_CHECKING:
-    from .schedule.base import Scheduler
 
 __all__ = ["BN_POLICIES", "ModuleOracle", "ZOGradient", "resolve_params"]
 
@@ -318,7 +314,7 @@ class ZOGradient:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, *, estimator: Estimator | None = None,
-                 params: Iterable | None = None, bn_policy: str = "batch", scheduler: Scheduler | None = None,
+                 params: Iterable | None = None, bn_policy: str = "batch", scheduler: SchedulerLike | None = None,
                  **oracle_kwargs):
         self.estimator = CoordinateEstimator() if estimator is None else estimator
         if not isinstance(self.estimator, Estimator):

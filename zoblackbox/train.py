@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._types import SchedulerLike
 from .checkpoint import check_int, check_rng_state, field_error
 from .engine import AskTell
 from .errors import CheckpointError, ConfigError, OracleError
@@ -50,7 +51,6 @@ from .trainer_parts import HOOKS, EpochProgress, FailureLog, MaskRedraw, Metrics
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
-    from .schedule.base import Scheduler
 
 __all__ = ["Trainer", "warmup_cosine"]
 
@@ -184,7 +184,7 @@ class Trainer:
                  optimizer: str | type[torch.optim.Optimizer] = "adam", lr: float = 1e-3,
                  optimizer_kwargs: dict | None = None, lr_schedule: str = "cosine", warmup_steps: int = 0,
                  epochs: int = 10, budget: int | None = None, bn_policy: str = "batch",
-                 scheduler: Scheduler | None = None,
+                 scheduler: SchedulerLike | None = None,
                  device: str | torch.device = "cpu", output_dir: str | Path | None = None,
                  checkpoint_every: int = 1, progress: bool = True, oracle_kwargs: dict | None = None,
                  sparse: SparseSchedule | None = None, checkpoint_every_steps: int | None = None,
