@@ -85,15 +85,51 @@ class BlackBoxClassifier:
     for inputs that do; the wrapped model is held in a closure, not an attribute, and the wrapper
     is not an ``nn.Module`` (no ``parameters()``, no ``state_dict()``). This guards against
     accidental white-box use in the same process; it is not a security boundary (a remote API is).
+    Calling the wrapper is :meth:`logits`.
 
-    Args:
-        classifier: ``classifier(x) -> logits`` of shape ``(B, num_classes)`` for ``x`` of shape
-            ``(B, *input_shape)``: an ``nn.Module`` (put in eval mode) or any callable, e.g. a
-            client of a remote service.
-        num_classes: number of classes.
-        input_shape: shape of one image, e.g. ``(1, 8, 8)``.
-        budget: most queries over the wrapper's lifetime (``None``: unlimited); a batch that would
-            exceed it is refused before it is sent (:class:`~zoblackbox.errors.BudgetExhaustedError`).
+    Parameters
+    ----------
+    classifier : callable
+        ``classifier(x) -> logits`` of shape ``(B, num_classes)`` for ``x`` of shape
+        ``(B, *input_shape)``: an ``nn.Module`` (put in eval mode) or any callable, e.g. a client
+        of a remote service.
+    num_classes : int
+        Number of classes, ``>= 2``.
+    input_shape : sequence of int
+        Shape of one image, e.g. ``(1, 8, 8)``.
+    budget : int or None, default None
+        Most queries over the wrapper's lifetime, ``>= 0`` (``None``: unlimited); a batch that
+        would exceed it is refused before it is sent.
+
+    Raises
+    ------
+    TypeError
+        ``classifier`` not callable; at query time, ``x`` not a tensor.
+    ConfigError
+        ``num_classes`` not an int ``>= 2``, ``budget`` not an int ``>= 0``; at query time, ``x``
+        of the wrong shape or not floating point.
+    BudgetExhaustedError
+        At query time, a batch that would exceed ``budget`` (nothing is sent).
+    OracleError
+        At query time, the classifier returned logits of the wrong shape.
+
+    See Also
+    --------
+    DenoisedClassifier : a white-box denoiser in front of it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox.adapters import BlackBoxClassifier
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    >>> f = BlackBoxClassifier(net, num_classes=10, input_shape=(1, 8, 8), budget=100)
+    >>> x = torch.randn(5, 1, 8, 8, requires_grad=True)
+    >>> f.predict(x).shape, f(x).requires_grad, f.queries
+    (torch.Size([5]), False, 10)
+    >>> hasattr(f, "parameters")
+    False
     """
 
     def __init__(self, classifier: Callable, *, num_classes: int, input_shape: Sequence[int],
@@ -119,6 +155,7 @@ class BlackBoxClassifier:
 
     @property
     def remaining(self) -> float:
+        """Queries left in the budget (``math.inf`` when unlimited)."""
         return math.inf if self.budget is None else self.budget - self._queries
 
     def reset_queries(self) -> int:
@@ -186,8 +223,31 @@ class _eval_mode:
 class DenoisedClassifier:
     """``x -> f(D(x))``: the white-box denoiser ``D`` (``None``: none) in front of the black box ``f``.
 
-    This is the base classifier randomized smoothing certifies; each call on ``B`` images is ``B``
-    queries of ``f``.
+    This is the base classifier randomized smoothing certifies (``zoblackbox.smoothing``,
+    docs/certify.md); each call on ``B`` images is ``B`` queries of ``f``.
+
+    Parameters
+    ----------
+    blackbox : BlackBoxClassifier
+        The black box ``f``.
+    denoiser : torch.nn.Module or None, default None
+        The white-box denoiser ``D``, run in eval mode under ``torch.no_grad()`` (``None``: none).
+
+    Raises
+    ------
+    TypeError
+        ``blackbox`` not a :class:`BlackBoxClassifier`, or ``denoiser`` not a module or ``None``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox.adapters import BlackBoxClassifier, DenoisedClassifier
+    >>> f = BlackBoxClassifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)),
+    ...                        num_classes=10, input_shape=(1, 8, 8))
+    >>> denoiser = torch.nn.Conv2d(1, 1, 3, padding=1)
+    >>> g = DenoisedClassifier(f, denoiser)
+    >>> g(torch.randn(4, 1, 8, 8)).shape, f.queries, denoiser.training
+    (torch.Size([4, 10]), 4, True)
     """
 
     def __init__(self, blackbox: BlackBoxClassifier, denoiser: nn.Module | None = None):
@@ -240,6 +300,8 @@ class LatentOracle(Oracle):
 
     def _evaluate_batch(self, X: torch.Tensor) -> torch.Tensor:
         z, idx = X[:, :-1], X[:, -1].round().long()
+        if self.targets is None:  # reserve() refuses this before a query; a direct call gets the same error
+            raise ConfigError("LatentOracle has no targets; call set_targets(labels) first")
         with _eval_mode(self.decoder):
             logits = self.blackbox.logits(self.decoder(z))
         return F.cross_entropy(logits.double(), self.targets[idx], reduction="none")
@@ -319,6 +381,8 @@ class DenoiserOracle(Oracle):
 
         vmap batches only the varying tensors, so the layers before the first of them run once.
         """
+        if self.batch is None:  # reserve() refuses this before a query; a direct call gets the same error
+            raise ConfigError("DenoiserOracle has no data batch; call set_batch(inputs, targets) first")
         inputs, targets = self.batch
         with torch.no_grad(), _eval_mode(self.denoiser):
             if varying:
@@ -448,7 +512,8 @@ def _epoch_loop(images, epochs, batch_size, seed, step_fn, report) -> TrainingRe
     also draws the noise from), the per-epoch mean loss in ``report.history``. ``step_fn`` returns
     the step's loss, or ``None`` when training has to stop (that batch is not counted)."""
     g = torch.Generator().manual_seed(seed)
-    t0, losses, last_epoch = time.perf_counter(), [], 0
+    losses: list[float] = []
+    t0, last_epoch = time.perf_counter(), 0
     for epoch, idx in _batches(images.shape[0], batch_size, epochs, g):
         if epoch != last_epoch:
             report.history.append({"epoch": last_epoch + 1, "loss": sum(losses) / max(1, len(losses))})

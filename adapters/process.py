@@ -48,6 +48,7 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -170,11 +171,11 @@ class ProcessOracle(Oracle):
     # ------------------------------------------------------------------ process lifecycle
     def _init_runtime(self) -> None:
         self._proc: subprocess.Popen | None = None
-        self._stderr = None
+        self._stderr: IO[bytes] | None = None
         self._buffer = b""
         self._next_id = 0
         self._fresh = False
-        self._finalizer = None
+        self._finalizer: weakref.finalize | None = None
 
     @property
     def _name(self) -> str:
@@ -248,6 +249,7 @@ class ProcessOracle(Oracle):
     def _crash(self, qid: int) -> ProgramCrashError:
         """The program's stdout closed (or its stdin broke) mid-query: reap it for its real exit status."""
         proc, what = self._proc, f"exited while answering query id {qid}"
+        assert proc is not None  # called while a query runs
         try:
             code = proc.wait(timeout=_REAP_GRACE)
         except subprocess.TimeoutExpired:
@@ -297,6 +299,7 @@ class ProcessOracle(Oracle):
     # ------------------------------------------------------------------ one query
     def _read_line(self, qid: int, deadline: float | None) -> bytes:
         """One answer line (without its newline); never holds more than the limit + 1 bytes of it."""
+        assert self._proc is not None and self._proc.stdout is not None  # started with stdout=PIPE
         fd = self._proc.stdout.fileno()
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ)
@@ -327,6 +330,7 @@ class ProcessOracle(Oracle):
         if self.timeout is not None:
             limit = self.timeout + (self.startup_timeout if self._fresh else 0.0)
         started = time.monotonic()
+        assert self._proc is not None and self._proc.stdin is not None  # just started, with stdin=PIPE
         try:
             self._proc.stdin.write(request.encode())
             self._proc.stdin.flush()

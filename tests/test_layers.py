@@ -42,6 +42,7 @@ FACADE = "zoblackbox"
 LAYERS = {
     # 1. core: no torch.nn models, no schedulers, no drivers
     "zoblackbox.errors": CORE,
+    "zoblackbox._types": CORE,  # type aliases and protocols of the public signatures (annotations only)
     "zoblackbox.oracle": CORE,
     "zoblackbox.plan": CORE,
     "zoblackbox.params": CORE,

@@ -28,6 +28,7 @@ def test_wheel_top_level_names(tmp_path):
     assert top - set(dist_info) == {"zoblackbox"}, top
     assert "zoblackbox/adapters/__init__.py" in names and "zoblackbox/adapters/torch_module.py" in names
     assert "zoblackbox/schedule/__init__.py" in names
+    assert "zoblackbox/py.typed" in names  # the PEP 561 marker: editors and type checkers use the annotations
     entry_points = zipfile.ZipFile(wheel).read(f"{dist_info[0]}/entry_points.txt").decode()
     assert "zoblackbox = zoblackbox.cli:main" in entry_points
 

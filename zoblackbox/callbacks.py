@@ -146,7 +146,7 @@ class Checkpointer:
 
 
 def _jsonable(record: dict) -> dict:
-    out = {}
+    out: dict[str, object] = {}
     for k, v in record.items():
         if isinstance(v, float) and not math.isfinite(v):
             out[k] = repr(v)  # JSON has no inf/nan

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -168,14 +169,20 @@ def make_scheduler(name: str):
     """A query scheduler by CLI name (``oracle``: the oracle's own chunked evaluation)."""
     from . import schedule
 
-    return {"reuse": schedule.FeatureReuseScheduler, "vectorized": schedule.VectorizedScheduler,
-            "serial": schedule.SerialScheduler, "oracle": lambda: None}[name]()
+    factories: dict[str, Callable[[], object]] = {
+        "reuse": schedule.FeatureReuseScheduler, "vectorized": schedule.VectorizedScheduler,
+        "serial": schedule.SerialScheduler, "oracle": lambda: None}
+    return factories[name]()
 
 
 def _load_task(task: str, data: Path | None):
     from .data import load_cifar10, load_digits_split
 
-    return load_cifar10(data) if task == "cifar10" else load_digits_split(seed=0)
+    if task == "cifar10":
+        if data is None:  # resolve_train_args refuses this first
+            raise ConfigError("--task cifar10 needs --data PATH (the cifar-10-batches-py directory; never downloaded)")
+        return load_cifar10(data)
+    return load_digits_split(seed=0)
 
 
 def _make_model(name: str, split):

@@ -30,13 +30,15 @@ import importlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from ._types import ArrayLike, BoundsLike, SchedulerLike
 from .errors import BudgetExhaustedError, CheckpointError, ConfigError, OracleError
-from .estimators import CoordinateEstimator, Estimator, RandomEstimator, StepUnderflow
+from .estimators import CoordinateEstimator, Estimate, Estimator, RandomEstimator, StepUnderflow
 from .oracle import BudgetView, FailurePolicy, Oracle, short_repr
 from .plan import QueryPlan, _is_int
 from .result import ZOResult
@@ -70,55 +72,127 @@ def auto_estimator(dim: int, budget: int | None, seed: int | None = 0) -> Estima
 
 # ------------------------------------------------------------------------------------------ the engine
 class AskTell:
-    """The ask/tell engine (see the module docstring).
+    """The ask/tell engine: the one optimization loop under every driver.
 
-    Args:
-        x0: the starting point, 1-D, finite (numpy or torch). :meth:`ask` returns numpy arrays when
-            ``x0`` is numpy (or a list), torch tensors otherwise; the computation dtype is ``x0``'s
-            floating dtype (float64 for numpy ints, lists and float64 arrays).
-        estimator: an :class:`~zoblackbox.estimators.Estimator`, or ``"auto"`` (:func:`auto_estimator`
-            from the dimension and the budget; forward CGE for ``"lbfgs"``).
-        optimizer: ``"sgd"``, ``"adam"`` (default), ``"adamw"``, ``"signsgd"``, ``"lbfgs"``
-            (zoblackbox's L-BFGS for estimated gradients), a ``torch.optim`` class, or an
-            :class:`~zoblackbox.rules.UpdateRule`.
-        lr: learning rate (default 1e-2; 1 for ``"lbfgs"``, its first trial step).
-        budget: the most queries the run may use (exact: asks never exceed it, retries included).
-        seed: seed of the estimator chosen by ``"auto"`` (a given estimator keeps its own seed).
-        bounds: ``(lower, upper)``, scalars or arrays of length ``dim`` (``-inf``/``inf`` allowed):
-            iterates and line-search trials are projected into the box, and a forward-CGE step that
-            would leave it is taken backwards. Other estimators' perturbations may leave the box by
-            their step ``mu``.
-        maxiter: the most iterations.
-        optimizer_kwargs: extra arguments of the optimizer (``momentum``...; L-BFGS's
-            ``history_size``, ``max_ls``, ``c1``, ``noise``).
-        lr_schedule: ``lr_schedule(iteration) -> factor`` for first-order rules (torch's ``LambdaLR``).
-        on_failure: what :meth:`tell` does with a non-finite loss: ``"raise"`` (default:
-            :class:`~zoblackbox.errors.OracleError` naming the row, and nothing is changed, so the
-            losses can be told again), ``"inf"`` (taken as ``+inf``) or ``"skip"`` (left out of the
-            estimate). Runs driven through an oracle use the oracle's own policy instead.
-        evaluate_final: whether the run ends by evaluating the returned point (one query kept for
-            it); drivers that train on minibatches switch it off.
-        dtype, device: the computation dtype and device (default: ``x0``'s; drivers pass the
-            oracle's).
+    Driven by hand (:meth:`ask` the points, evaluate them anywhere, :meth:`tell` their losses) or
+    against an oracle (:meth:`step`, :meth:`run`); :func:`minimize` and the :class:`Trainer` are
+    drivers of it. :meth:`state_dict` is exact at any moment, in the middle of a line search too.
 
-    Attributes:
-        done: whether the run has ended (:meth:`result` is then final).
-        nit, nfev: iterations finished and queries used so far.
-        coords: the coordinates the next gradient estimate covers (``None`` = all); drivers with
-            sparse masks set it between iterations. ``freeze``: a boolean mask of coordinates an
-            update may not change.
-        observers: callables ``observer(engine, record)`` run after every iteration (callbacks,
-            progress, logs, checkpoints: :mod:`zoblackbox.callbacks`); one returning ``True`` stops
-            the run.
-        gradient_hooks: callables ``hook(x, grad) -> grad`` applied to the estimate before a
-            first-order step (e.g. adding a white-box term computed by autograd).
+    Parameters
+    ----------
+    x0 : array_like or torch.Tensor
+        The starting point, 1-D, finite. :meth:`ask` returns numpy arrays when ``x0`` is numpy (or
+        a list), torch tensors otherwise; the computation dtype is ``x0``'s floating dtype (float64
+        for numpy ints, lists and float64 arrays).
+    estimator : Estimator or "auto", default "auto"
+        The gradient estimator; ``"auto"`` picks from the dimension and the budget (forward CGE
+        when ``dim <= 20``, no budget, or at least 100 CGE iterations fit; else RGE with
+        ``q=20``; forward CGE for ``"lbfgs"``).
+    optimizer : str or type or UpdateRule, default "auto"
+        ``"auto"`` (the default strategy when no ``estimator``, ``lr``, ``optimizer_kwargs`` or
+        ``lr_schedule`` is given, else ``"adam"``; see :func:`minimize`), ``"sgd"``, ``"adam"``,
+        ``"adamw"``, ``"signsgd"``, ``"lbfgs"`` (zoblackbox's L-BFGS for estimated gradients), a
+        ``torch.optim`` class, or an update rule of ``zoblackbox.rules``.
+    lr : float or None, default None
+        Learning rate, positive and finite (``None``: 1e-2; 1 for ``"lbfgs"``, its first trial step).
+    budget : int or None, default None
+        The most queries the run may use, ``>= 0`` (exact: asks never exceed it, retries included).
+    seed : int or None, default 0
+        Seed of the estimator chosen by ``"auto"`` and of the default strategy (a given estimator
+        keeps its own seed).
+    bounds : tuple or scipy.optimize.Bounds or sequence or None, default None
+        ``(lower, upper)``, scalars or arrays of length ``dim`` (``-inf``/``inf`` allowed), scipy's
+        ``Bounds`` or ``dim`` ``(min, max)`` pairs: iterates and line-search trials are projected
+        into the box, and a forward-CGE step that would leave it is taken backwards. Other
+        estimators' perturbations may leave the box by their step ``mu``.
+    maxiter : int or None, default None
+        The most iterations, ``>= 1``.
+    optimizer_kwargs : dict or None, default None
+        Extra arguments of the optimizer (``momentum``...; L-BFGS's ``history_size``, ``max_ls``,
+        ``c1``, ``noise``).
+    lr_schedule : callable or None, default None
+        ``lr_schedule(iteration) -> factor`` for first-order rules (torch's ``LambdaLR``).
+    on_failure : {"raise", "inf", "skip"} or FailurePolicy, default "raise"
+        What :meth:`tell` does with a non-finite loss: ``"raise"`` (:class:`OracleError` naming the
+        row, and nothing is changed, so the losses can be told again), ``"inf"`` (taken as
+        ``+inf``) or ``"skip"`` (left out of the estimate). Runs driven through an oracle use the
+        oracle's own policy instead.
+    evaluate_final : bool, default True
+        Whether the run ends by evaluating the returned point (one query kept for it); drivers
+        that train on minibatches switch it off.
+    dtype : torch.dtype or None, default None
+        The computation dtype (default: ``x0``'s; drivers pass the oracle's).
+    device : str or torch.device or None, default None
+        The computation device (default: ``x0``'s).
+
+    Attributes
+    ----------
+    done : bool
+        Whether the run has ended (:meth:`result` is then final).
+    nit : int
+        Iterations finished so far.
+    nfev : int
+        Queries used so far.
+    coords : torch.Tensor or None
+        The coordinates the next gradient estimate covers (``None`` = all); drivers with sparse
+        masks set it between iterations.
+    freeze : torch.Tensor or None
+        A boolean mask of coordinates an update may not change.
+    observers : list of callable
+        ``observer(engine, record)`` run after every iteration (callbacks, progress, logs,
+        checkpoints); one returning ``True`` stops the run.
+    gradient_hooks : list of callable
+        ``hook(x, grad) -> grad`` applied to the estimate before a first-order step (e.g. adding a
+        white-box term computed by autograd).
+
+    Raises
+    ------
+    ConfigError
+        A bad value, before any query: non-finite ``x0`` (or one that overflows ``dtype``), a
+        negative ``budget``, a bad ``lr``, ``maxiter``, bound, optimizer name or keyword,
+        ``lr_schedule`` factor, failure policy, ``dtype`` or ``device``; a ``budget`` too small for
+        one iteration.
+    TypeError
+        ``estimator`` not an :class:`Estimator` or ``"auto"``, ``optimizer_kwargs`` not a mapping.
+
+    See Also
+    --------
+    minimize : the driver for a Python function.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from zoblackbox import AskTell
+    >>> solver = AskTell(np.array([2.0, -1.0]), budget=300)
+    >>> while not solver.done:
+    ...     X = solver.ask()                               # one row per point
+    ...     solver.tell([float(x @ x) for x in X])         # one loss per row
+    >>> res = solver.result()
+    >>> res.nfev <= 300, bool(res.fun < 1e-8)
+    (True, True)
+
+    The state can be saved at any moment and the run continued from it:
+
+    >>> solver = AskTell(np.array([2.0, -1.0]), optimizer="adam", lr=0.1, budget=60)
+    >>> X = solver.ask(); solver.tell([float(x @ x) for x in X])
+    >>> resumed = AskTell.from_state_dict(solver.state_dict())
+    >>> np.array_equal(resumed.ask(), solver.ask())
+    True
     """
 
-    def __init__(self, x0, *, estimator: Estimator | str = "auto", optimizer="auto", lr: float | None = None,
-                 budget: int | None = None, seed: int | None = 0, bounds=None, maxiter: int | None = None,
+    # the state machine (set by _begin_iteration / _begin_final; annotations only)
+    _pending: QueryPlan | None
+    _send: torch.Tensor | None
+    _gen: Generator[QueryPlan, torch.Tensor, Any]
+    _log: list[tuple[torch.Tensor, int]]
+
+    def __init__(self, x0: ArrayLike, *, estimator: Estimator | str = "auto",
+                 optimizer: str | type[torch.optim.Optimizer] | UpdateRule = "auto", lr: float | None = None,
+                 budget: int | None = None, seed: int | None = 0, bounds: BoundsLike | None = None,
+                 maxiter: int | None = None,
                  optimizer_kwargs: Mapping | None = None, lr_schedule: Callable[[int], float] | None = None,
                  on_failure: FailurePolicy | str = "raise", evaluate_final: bool = True,
-                 dtype: torch.dtype | None = None, device=None):
+                 dtype: torch.dtype | None = None, device: str | torch.device | None = None):
         x, self._numpy = start_point(x0, dtype, device)
         self.dim, self.dtype, self.device = int(x.shape[0]), x.dtype, x.device
         if budget is not None and (not _is_int(budget) or budget < 0):
@@ -206,37 +280,43 @@ class AskTell:
         if self.phase == "done":
             raise ConfigError(f"the run is done ({self.message}); nothing more to ask: call result()")
         self._asked = True
+        assert self._pending is not None  # _settle() leaves a pending ask unless the run is done
         return self._pending
 
-    def ask(self):
+    def ask(self) -> np.ndarray | torch.Tensor:
         """The points to evaluate next: a 2-D array, one row per point (numpy when ``x0`` was numpy).
 
         Asking again before :meth:`tell` returns the same points.
         """
         return self._out(self.ask_plan().points())
 
-    def tell(self, losses, *, nfev: int | None = None) -> None:
+    def tell(self, losses: ArrayLike, *, nfev: int | None = None) -> None:
         """Report the losses of the points of the last :meth:`ask`, one per row, in order.
 
-        Args:
-            losses: a sequence or 1-D array of real numbers, one per asked row. Non-finite values
-                follow ``on_failure``.
-            nfev: queries these losses cost, when not one per row (retries of failed queries).
+        Parameters
+        ----------
+        losses : sequence of float or array_like
+            Real numbers, one per asked row. Non-finite values follow ``on_failure``.
+        nfev : int or None, default None
+            Queries these losses cost, when not one per row (retries of failed queries).
 
-        Raises:
-            ConfigError: the wrong number of losses, or :meth:`tell` after the run ended; the
-                engine is left unchanged.
-            OracleError: a non-finite loss under ``on_failure="raise"``; the engine is left
-                unchanged.
+        Raises
+        ------
+        ConfigError
+            The wrong number of losses, losses of points never asked, an ``nfev`` past the budget,
+            or :meth:`tell` after the run ended; the engine is left unchanged.
+        OracleError
+            A non-finite loss under ``on_failure="raise"``; the engine is left unchanged.
         """
         self._settle()
         if self.phase == "done":
             raise ConfigError(f"tell() after the run ended ({self.message}): there is no pending ask; "
                               "call result()")
-        if not self._asked:  # the losses cannot be of points the caller has not been given
-            raise ConfigError(f"tell() before ask(): call ask() for the {len(self._pending)} points to evaluate, then "
-                              "tell their losses")
         plan = self._pending
+        assert plan is not None  # _settle() leaves a pending ask unless the run is done
+        if not self._asked:  # the losses cannot be of points the caller has not been given
+            raise ConfigError(f"tell() before ask(): call ask() for the {len(plan)} points to evaluate, then "
+                              "tell their losses")
         values = _as_losses(losses, len(plan))
         spent = len(plan) if nfev is None else nfev
         if not _is_int(spent) or spent < len(plan):
@@ -276,7 +356,7 @@ class AskTell:
         )
 
     # ------------------------------------------------------------------ driving through an oracle
-    def step(self, oracle: Oracle, scheduler=None) -> dict | None:
+    def step(self, oracle: Oracle, scheduler: SchedulerLike | None = None) -> dict | None:
         """Run one iteration against ``oracle`` (through ``scheduler`` if given); returns its
         history record, or ``None`` when the run ended without finishing another iteration.
 
@@ -290,6 +370,7 @@ class AskTell:
             if self.phase == "done" or self._iterations != finished:
                 break
             plan = self._pending
+            assert plan is not None  # _settle() leaves a pending ask unless the run is done
             keep = 0 if self.phase == "final" else self.rule.keep
             view.set_limit(None if self.budget is None else self.budget - self.nfev - keep)
             target = view if self.budget is not None else view.unwrapped  # no limit of the run's own: no view
@@ -344,7 +425,7 @@ class AskTell:
         self._end_iteration({"f0": f0, "grad_norm": float(grad.norm()), "n_failed": 0, "_grad": grad})
         return self.history[-1] if self._iterations != finished else None
 
-    def run(self, oracle: Oracle, scheduler=None) -> ZOResult:
+    def run(self, oracle: Oracle, scheduler: SchedulerLike | None = None) -> ZOResult:
         """Run to the end against ``oracle``; returns :meth:`result`."""
         self._limit_source = self._view(oracle).unwrapped  # before the first plan is built
         while not self.done:
@@ -368,20 +449,22 @@ class AskTell:
         return self._limit_source.remaining if self._limit_source is not None else math.inf
 
     def afford(self, n: int, keep: int = 0) -> None:
-        """Raise :class:`~zoblackbox.rules.Stop` unless ``n`` more queries fit (``keep`` more kept aside)."""
+        """Raise ``Stop`` unless ``n`` more queries fit (``keep`` more kept aside)."""
         if self.budget is not None and self.nfev + n + keep > self.budget:
             raise Stop(f"query budget reached ({self.nfev} of {self.budget} spent)")
         own = self._own_left()
         if n > own:
+            source = self._limit_source
+            assert source is not None  # without one, _own_left() is inf
             raise Stop(f"the oracle's own budget ran out: a batch of {n} queries would exceed the budget of "
-                       f"{self._limit_source.budget} ({self._limit_source.nfev} already spent, {own} left)",
-                       success=False)
+                       f"{source.budget} ({source.nfev} already spent, {own} left)", success=False)
 
     def can_afford(self, n: int) -> bool:
         """Whether ``n`` more queries fit in the budget."""
         return (self.budget is None or self.nfev + n <= self.budget) and n <= self._own_left()
 
-    def gradient_estimate(self, x: torch.Tensor, *, keep: int = 0, f0: float | None = None, checked: bool = False):
+    def gradient_estimate(self, x: torch.Tensor, *, keep: int = 0, f0: float | None = None,
+                          checked: bool = False) -> Generator[QueryPlan, torch.Tensor, Estimate]:
         """A generator that asks for the estimator's plan at ``x`` and returns the
         :class:`~zoblackbox.estimators.Estimate`; with ``f0`` (the known loss at ``x``) a forward
         plan skips its base query. The budget is checked before the plan is built."""
@@ -413,9 +496,10 @@ class AskTell:
         if self.lower is not None:
             x.clamp_(min=self.lower.to(x.dtype), max=self.upper.to(x.dtype))
 
-    def observe(self, record: dict, *, x, grad, nit, call_back: bool = True) -> Stop | None:
+    def observe(self, record: dict, *, x: torch.Tensor, grad: torch.Tensor | None, nit: int,
+                call_back: bool = True) -> Stop | None:
         """Record an intermediate point of a rule whose iteration spans many asks (closure
-        optimizers); returns a :class:`Stop` when an observer asks to stop."""
+        optimizers); returns a ``Stop`` when an observer asks to stop."""
         self._append_history(record, nit=nit)
         self._last_grad, self._observed_x = grad, x
         try:
@@ -531,9 +615,11 @@ class AskTell:
                 self._settle()
                 if self.phase == "done":
                     raise CheckpointError("the state holds losses told after its run ended")
-                if values.shape[0] != len(self._pending):
+                pending = self._pending
+                assert pending is not None  # _settle() leaves a pending ask unless the run is done
+                if values.shape[0] != len(pending):
                     raise CheckpointError(f"the state's told losses ({values.shape[0]}) do not match the replayed "
-                                          f"ask ({len(self._pending)} points)")
+                                          f"ask ({len(pending)} points)")
                 self._accept(values.to(torch.float64), int(spent))
             self._settle()
         finally:
@@ -716,6 +802,7 @@ class AskTell:
         a one-sided (or shorter) difference, never a query outside the box."""
         if self.lower is None or plan.num_perturbations == 0 and not plan.include_base:
             return plan
+        assert self.upper is not None  # bounds are set together
         lower, upper = self.lower.to(plan.base.dtype), self.upper.to(plan.base.dtype)
         base = plan.base
         if plan.include_base and bool(((base < lower) | (base > upper)).any()):
@@ -724,6 +811,7 @@ class AskTell:
             if plan.num_perturbations == 0:
                 return plan if base is plan.base else QueryPlan(base=base, include_base=True,
                                                                  directions=plan.directions, support=plan.support)
+            assert plan.directions is not None  # a plan without coords has directions
             points = base.unsqueeze(0) + plan.directions.to(base.dtype)
             inside = torch.maximum(torch.minimum(points, upper), lower)
             if base is plan.base and bool(torch.equal(inside, points)):
@@ -731,6 +819,7 @@ class AskTell:
             return QueryPlan(base=base, include_base=plan.include_base, directions=inside - base,
                              support=plan.support)
         c = plan.coords
+        assert plan.offsets is not None  # coordinate plans have offsets
         xc = base[c]
         target = xc + plan.offsets
         out = (target > upper[c]) | (target < lower[c])
@@ -984,7 +1073,7 @@ def _check_counters(boundary: Mapping, budget: int | None, dim: int) -> None:
     """Every field of a boundary snapshot, against what a run could have written (CheckpointError
     naming the field; nothing is changed before all of them pass)."""
     for key in ("nfev", "nit", "n_failed", "iterations"):
-        v = boundary.get(key)
+        v: Any = boundary.get(key)  # _is_int checks it before the comparison
         if not _is_int(v) or v < 0:
             raise CheckpointError(f"the state's {key} is {v!r}; a run writes a non-negative int")
     if budget is not None and boundary["nfev"] > budget:
@@ -1003,7 +1092,7 @@ def _check_counters(boundary: Mapping, budget: int | None, dim: int) -> None:
     if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not math.isfinite(wall) or wall < 0:
         raise CheckpointError(f"the state's wall is {wall!r}; a run writes a finite number >= 0")
     try:
-        history = json.loads(boundary.get("history"))
+        history = json.loads(boundary.get("history"))  # type: ignore[arg-type]  # None: the TypeError below
     except (TypeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"the state's history is not JSON text: {exc}") from exc
     if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 
 from . import directions as _directions
 from . import shaping as _shaping
+from ._types import ArrayLike, CoordsLike, SchedulerLike
 from .directions import Directions, directions_from
 from .errors import ConfigError
 from .oracle import Oracle, as_vector, short_repr
@@ -36,14 +38,29 @@ __all__ = ["MAX_MU", "MAX_Q", "CoordinateEstimator", "Estimate", "Estimator", "R
 
 @dataclass
 class Estimate:
-    """A gradient estimate.
+    """A gradient estimate, as returned by :meth:`Estimator.estimate` and ``combine``.
 
-    Attributes:
-        grad: the estimate, same shape, dtype and device as ``x``; zero outside the estimated
-            coordinates.
-        f0: loss at ``x`` when the plan queried it (``None`` for central/antithetic schemes).
-        nfev: queries spent by this estimate (retries of failed queries included).
-        n_failed: queries whose loss was non-finite and so left out of the differences.
+    A dataclass; the parameters are its fields.
+
+    Parameters
+    ----------
+    grad : torch.Tensor
+        The estimate, same shape, dtype and device as ``x``; zero outside the estimated coordinates.
+    f0 : float or None
+        Loss at ``x`` when the plan queried it (``None`` for central/antithetic schemes).
+    nfev : int
+        Queries spent by this estimate (retries of failed queries included).
+    n_failed : int, default 0
+        Queries whose loss was non-finite and so left out of the differences.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import CoordinateEstimator, FunctionOracle
+    >>> oracle = FunctionOracle(lambda x: float((x ** 2).sum()), dim=2, dtype=torch.float64)
+    >>> est = CoordinateEstimator(mu=1e-3, scheme="central").estimate(oracle, torch.tensor([1.0, -2.0]))
+    >>> est.grad.round(decimals=6), est.f0, est.nfev, est.n_failed
+    (tensor([ 2., -4.], dtype=torch.float64), None, 4, 0)
     """
 
     grad: torch.Tensor
@@ -120,10 +137,40 @@ def _check_steps(steps: torch.Tensor, x: torch.Tensor, c: torch.Tensor, mu: floa
 
 
 class Estimator(ABC):
-    """Base class: ``estimate = combine(plan, run(plan))``."""
+    """Base class of gradient estimators: ``estimate = combine(plan, run(plan))``.
+
+    A subclass says which queries it needs (:meth:`plan`), how it turns their losses into a
+    gradient (:meth:`combine`) and what an estimate costs (:meth:`num_queries`); :meth:`estimate`
+    runs the three against an oracle. The class takes no constructor parameters.
+
+    See Also
+    --------
+    CoordinateEstimator, RandomEstimator : the built-ins.
+
+    Examples
+    --------
+    A one-query-per-coordinate backward-difference estimator:
+
+    >>> import torch
+    >>> from zoblackbox import Estimate, Estimator, FunctionOracle, QueryPlan
+    >>> class Backward(Estimator):
+    ...     mu = 1e-4
+    ...     def plan(self, x, coords=None):
+    ...         c = torch.arange(x.numel()) if coords is None else torch.as_tensor(coords)
+    ...         return QueryPlan(x, coords=c, offsets=torch.full(c.shape, -self.mu, dtype=x.dtype))
+    ...     def combine(self, plan, losses):
+    ...         g = torch.zeros_like(plan.base)
+    ...         g[plan.coords] = (losses[0] - losses[1:]).to(g.dtype) / self.mu
+    ...         return Estimate(g, float(losses[0]), len(plan))
+    ...     def num_queries(self, dim, n_coords=None):
+    ...         return (dim if n_coords is None else n_coords) + 1
+    >>> oracle = FunctionOracle(lambda x: float((x ** 2).sum()), dim=2, dtype=torch.float64)
+    >>> Backward().estimate(oracle, torch.tensor([1.0, 2.0])).grad.round(decimals=3)
+    tensor([2., 4.], dtype=torch.float64)
+    """
 
     @abstractmethod
-    def plan(self, x: torch.Tensor, coords=None) -> QueryPlan:
+    def plan(self, x: torch.Tensor, coords: CoordsLike | None = None) -> QueryPlan:
         """The queries needed to estimate the gradient at ``x`` (restricted to ``coords``)."""
 
     @abstractmethod
@@ -145,19 +192,41 @@ class Estimator(ABC):
         loss noise, where the estimator can say (``None`` otherwise)."""
         return None
 
-    def estimate(self, oracle, x, coords=None, scheduler=None, f0: float | None = None) -> Estimate:
+    def estimate(self, oracle: Oracle, x: ArrayLike, coords: CoordsLike | None = None,
+                 scheduler: SchedulerLike | None = None, f0: float | None = None) -> Estimate:
         """Estimate the gradient of ``oracle`` at ``x``.
 
-        Args:
-            oracle: an :class:`~zoblackbox.oracle.Oracle`.
-            x: the point, 1-D of length ``oracle.dim`` (tensor or numpy array).
-            coords: indices (or a boolean mask) of the coordinates to estimate; ``None`` = all.
-            scheduler: evaluates the plan (``scheduler.run(oracle, plan)``); default: the
-                oracle's own ``evaluate_plan``.
-            f0: the loss at ``x`` when the caller already has it (e.g. from a line search): a
-                plan that includes the base point then skips that query and uses ``f0``, so a
-                forward-difference estimate costs one query less. Ignored by schemes that do not
-                query the base point (central, antithetic).
+        Parameters
+        ----------
+        oracle : Oracle
+            The function to differentiate.
+        x : torch.Tensor or numpy.ndarray
+            The point, finite, 1-D of length ``oracle.dim``.
+        coords : array_like or None, default None
+            Distinct indices (or a boolean mask) of the coordinates to estimate; ``None`` = all.
+        scheduler : zoblackbox.schedule.Scheduler or None, default None
+            Evaluates the plan (``scheduler.run(oracle, plan)``); default: the oracle's own
+            ``evaluate_plan``.
+        f0 : float or None, default None
+            The loss at ``x`` when the caller already has it: a plan that includes the base point
+            then skips that query, so a forward-difference estimate costs one query less. Ignored
+            by schemes that do not query the base point (central, antithetic).
+
+        Returns
+        -------
+        Estimate
+            The gradient and the queries it cost.
+
+        Raises
+        ------
+        TypeError
+            ``oracle`` is not an :class:`Oracle`, or ``scheduler`` has no ``run``.
+        ConfigError
+            ``x`` of the wrong length or not finite, bad ``coords``, ``f0`` not a number.
+        BudgetExhaustedError
+            The estimate would exceed the oracle's own budget (nothing is spent).
+        OracleError
+            A query failed under the oracle's ``"raise"`` policy.
         """
         if not isinstance(oracle, Oracle):
             raise TypeError(f"oracle must be a zoblackbox Oracle, got {type(oracle).__name__}: {short_repr(oracle)}")
@@ -200,13 +269,37 @@ class CoordinateEstimator(Estimator):
     costing ``2n`` queries, with O(mu^2) bias (exact for quadratics). The realized step
     ``fl(x_i + mu) - x_i`` is used as the divisor, so rounding of ``x_i + mu`` adds no error.
 
-    Args:
-        mu: step size (DeepZero's default 5e-3, for neural-network weights).
-        scheme: ``"forward"`` or ``"central"``.
-        relative: scale the step of coordinate ``i`` by ``max(1, |x_i|)`` (the classical
-            finite-difference step of numerical analysis: with ``mu = sqrt(eps)`` forward and
-            ``mu = cbrt(eps)`` central it balances truncation and rounding errors at any magnitude
-            of ``x``; :func:`zoblackbox.minimize`'s default strategy uses it).
+    Parameters
+    ----------
+    mu : float, default 5e-3
+        Step size, positive and at most ``1e30`` (DeepZero's default, for neural-network weights).
+    scheme : {"forward", "central"}, default "forward"
+        Finite-difference scheme.
+    relative : bool, default False
+        Scale the step of coordinate ``i`` by ``max(1, |x_i|)`` (the classical finite-difference
+        step of numerical analysis: with ``mu = sqrt(eps)`` forward and ``mu = cbrt(eps)`` central
+        it balances truncation and rounding errors at any magnitude of ``x``;
+        :func:`zoblackbox.minimize`'s default strategy uses it).
+
+    Raises
+    ------
+    ConfigError
+        ``mu`` not a positive finite number or above ``1e30``; an unknown ``scheme``; ``relative``
+        not a bool. At estimation time, ``StepUnderflow`` (a ``ConfigError``) when ``x_i + mu``
+        rounds to ``x_i``.
+
+    See Also
+    --------
+    RandomEstimator : ``q + 1`` queries per estimate whatever the dimension.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import CoordinateEstimator, FunctionOracle
+    >>> oracle = FunctionOracle(lambda x: float(x[0] ** 2 + 3 * x[1]), dim=2, dtype=torch.float64)
+    >>> cge = CoordinateEstimator(mu=1e-6)
+    >>> cge.num_queries(2), cge.estimate(oracle, torch.tensor([1.0, 0.0])).grad.round(decimals=4)
+    (3, tensor([2., 3.], dtype=torch.float64))
     """
 
     def __init__(self, mu: float = 5e-3, scheme: str = "forward", relative: bool = False):
@@ -238,7 +331,7 @@ class CoordinateEstimator(Estimator):
         n = dim if n_coords is None else n_coords
         return 2 * n if self.scheme == "central" else n + 1
 
-    def plan(self, x, coords=None) -> QueryPlan:
+    def plan(self, x: torch.Tensor, coords: CoordsLike | None = None) -> QueryPlan:
         c = _check_coords(coords, x.shape[0], x.device)
         xc = x[c]
         h = self._steps(xc)
@@ -250,11 +343,12 @@ class CoordinateEstimator(Estimator):
         _check_steps(down, x, c, self.mu)
         return QueryPlan(base=x, include_base=False, coords=torch.cat([c, c]), offsets=torch.cat([up, down]))
 
-    def combine(self, plan, losses) -> Estimate:
+    def combine(self, plan: QueryPlan, losses: torch.Tensor) -> Estimate:
         losses = losses.to(torch.float64)
         x = plan.base
         grad = torch.zeros(x.shape[0], dtype=torch.float64, device=losses.device)
         n_failed = int((~torch.isfinite(losses)).sum())
+        assert plan.coords is not None and plan.offsets is not None  # a coordinate plan, as plan() builds
         steps = plan.offsets.to(losses.device, torch.float64)
         if plan.include_base:  # forward
             f0 = float(losses[0])
@@ -295,32 +389,60 @@ class RandomEstimator(Estimator):
     normalizes per tensor without the factor, a silent per-layer scale bias; this one is explicit.)
     When ``coords`` is given, directions live on those coordinates only and ``n = len(coords)``.
 
-    Args:
-        mu: smoothing radius.
-        q: number of directions per estimate (>= 1).
-        directions: a :class:`~zoblackbox.directions.Directions` (how the directions are drawn and
-            scaled) or a built-in's name: ``"gaussian"``, ``"sphere"`` or ``"rademacher"``.
-        antithetic: use the two-sided (antithetic) scheme.
-        seed: seed of the estimator's own generator (directions are reproducible from it).
-        top_b: keep only the ``b`` antithetic pairs whose better side has the lowest loss
-            (``min(f(x + mu u), f(x - mu u))``; Mania et al. 2018, ARS "V-t"); needs
-            ``antithetic=True``; the estimate averages over the ``b`` kept pairs.
-        fitness_shaping: ``None`` (raw loss differences), a
-            :class:`~zoblackbox.shaping.FitnessShaping`, or a built-in's name: ``"std"``
-            (:class:`~zoblackbox.shaping.StdShaping`: differences divided by the standard deviation
-            of the losses used, ARS "V2") or ``"rank"`` (:class:`~zoblackbox.shaping.RankShaping`:
-            losses replaced by centered ranks in ``[-0.5, 0.5]``, Salimans et al. 2017). Shaping
-            makes the estimate invariant to the loss's scale (useful for returns of simulators), so
-            it is a search direction rather than an unbiased gradient: ARS V2-t with step ``alpha``
-            is ``RandomEstimator(mu=nu, q=N, antithetic=True, top_b=b, fitness_shaping="std")`` with
-            plain SGD at ``lr = 2 * nu * alpha`` (:func:`zoblackbox.presets.ars_v2t` builds it).
+    Parameters
+    ----------
+    mu : float, default 5e-3
+        Smoothing radius, positive and at most ``1e30``.
+    q : int, default 20
+        Directions per estimate, ``1 <= q <= 2**24``.
+    directions : Directions or {"gaussian", "sphere", "rademacher"}, default "gaussian"
+        How the directions are drawn and scaled (:class:`Directions`) or a built-in's name.
+    antithetic : bool, default False
+        Use the two-sided (antithetic) scheme.
+    seed : int or None, default 0
+        Seed of the estimator's own generator, in ``[-2**63, 2**64)`` (``None`` means 0); the
+        directions are reproducible from it.
+    top_b : int or None, default None
+        Keep only the ``b`` antithetic pairs whose better side has the lowest loss
+        (``min(f(x + mu u), f(x - mu u))``; Mania et al. 2018, ARS "V-t"); ``1 <= b <= q``, needs
+        ``antithetic=True``; the estimate averages over the ``b`` kept pairs.
+    fitness_shaping : FitnessShaping or {"std", "rank"} or None, default None
+        ``None`` (raw loss differences), a :class:`FitnessShaping`, or a built-in's name:
+        ``"std"`` (:class:`StdShaping`, ARS "V2") or ``"rank"`` (:class:`RankShaping`, centered
+        ranks, Salimans et al. 2017). Shaping makes the estimate invariant to the loss's scale, so
+        it is a search direction rather than an unbiased gradient (:func:`ars_v2t` builds ARS V2-t
+        from it).
 
-    Attributes:
-        sampler: the :class:`~zoblackbox.directions.Directions` in use.
-        shaping: the :class:`~zoblackbox.shaping.FitnessShaping` in use, or ``None``.
-        directions, fitness_shaping: the same as specs: a built-in's name (``"gaussian"``,
-            ``"std"``...) whichever form was passed, a user-defined object itself.
+    Attributes
+    ----------
+    sampler : Directions
+        The direction distribution in use.
+    shaping : FitnessShaping or None
+        The shaping in use.
+
+    Raises
+    ------
+    ConfigError
+        Any parameter of the wrong kind or outside its range above; ``top_b`` without
+        ``antithetic=True``; an unknown ``directions`` or ``fitness_shaping`` name.
+
+    See Also
+    --------
+    CoordinateEstimator, ars_v2t, openai_es
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import FunctionOracle, RandomEstimator
+    >>> oracle = FunctionOracle(lambda x: float((x ** 2).sum()), dim=50, dtype=torch.float64)
+    >>> rge = RandomEstimator(mu=1e-3, q=10, antithetic=True, seed=0)
+    >>> est = rge.estimate(oracle, torch.ones(50))
+    >>> est.nfev, tuple(est.grad.shape)
+    (20, (50,))
+    >>> bool(torch.nn.functional.cosine_similarity(est.grad, 2 * torch.ones(50), dim=0) > 0)
+    True
     """
+
 
     def __init__(self, mu: float = 5e-3, q: int = 20, directions: str | Directions = "gaussian",
                  antithetic: bool = False, seed: int | None = 0, top_b: int | None = None,
@@ -398,7 +520,7 @@ class RandomEstimator(Estimator):
                               f"({self.q}, {n}), got {got}")
         return u.to(device="cpu", dtype=torch.float64)
 
-    def plan(self, x, coords=None) -> QueryPlan:
+    def plan(self, x: torch.Tensor, coords: CoordsLike | None = None) -> QueryPlan:
         c = _check_coords(coords, x.shape[0], x.device)
         u = torch.zeros(self.q, x.shape[0], dtype=x.dtype, device=x.device)
         u[:, c] = self.sample(c.shape[0]).to(device=x.device, dtype=x.dtype)
@@ -412,9 +534,10 @@ class RandomEstimator(Estimator):
                              support=c.shape[0])
         return QueryPlan(base=x, include_base=True, directions=steps, support=c.shape[0])
 
-    def combine(self, plan, losses) -> Estimate:
+    def combine(self, plan: QueryPlan, losses: torch.Tensor) -> Estimate:
         losses = losses.to(torch.float64)
         x = plan.base
+        assert plan.directions is not None  # a direction plan, as plan() builds
         U = plan.directions.to(losses.device, torch.float64) / self.mu
         n_failed = int((~torch.isfinite(losses)).sum())
         if plan.include_base:
@@ -442,7 +565,7 @@ class RandomEstimator(Estimator):
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state) -> None:
+    def load_state_dict(self, state: Mapping) -> None:
         """Load :meth:`state_dict`; a state that is not this generator's (a uint8 tensor of its size that
         torch accepts) is a CheckpointError naming ``estimator.generator``, and nothing changes."""
         from .checkpoint import check_rng_state, field_of

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from .errors import ConfigError
@@ -35,4 +37,4 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-MODELS = {"cnn": digits_cnn, "mlp": digits_mlp}
+MODELS: dict[str, Callable[[], nn.Sequential]] = {"cnn": digits_cnn, "mlp": digits_mlp}

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ._types import ArrayLike, BoundsLike, SchedulerLike
 from .callbacks import Checkpointer, JSONLinesLog, ProgressBar, ScipyCallback, default_progress
 from .engine import AUTO_MIN_CGE_STEPS, AUTO_RGE_Q, AskTell, auto_estimator, start_point
 from .errors import ConfigError
@@ -26,6 +28,9 @@ from .oracle import FunctionOracle, Oracle, as_vector, short_repr
 from .result import ZOResult
 from .rules import OPTIMIZERS, SignSGD, make_optimizer
 from .torch_module import ZOGradient
+
+if TYPE_CHECKING:
+    from .rules import UpdateRule
 
 __all__ = ["AUTO_MIN_CGE_STEPS", "AUTO_RGE_Q", "OPTIMIZERS", "SignSGD", "ZOGradient", "as_oracle", "auto_estimator",
            "make_optimizer", "minimize"]
@@ -58,19 +63,19 @@ def as_oracle(fun, x0, *, vectorized: bool = False) -> tuple[Oracle, torch.Tenso
 
 
 def minimize(
-    fun,
-    x0,
+    fun: Callable[..., Any] | Oracle,
+    x0: ArrayLike,
     *,
     estimator: Estimator | str = "auto",
-    optimizer="auto",
+    optimizer: str | type[torch.optim.Optimizer] | UpdateRule = "auto",
     lr: float | None = None,
     budget: int | None = None,
     maxiter: int | None = None,
     callback: Callable | None = None,
-    scheduler=None,
+    scheduler: SchedulerLike | None = None,
     optimizer_kwargs: dict | None = None,
     vectorized: bool = False,
-    bounds=None,
+    bounds: BoundsLike | None = None,
     seed: int | None = 0,
     lr_schedule: Callable[[int], float] | None = None,
     progress: bool | None = False,
@@ -81,7 +86,7 @@ def minimize(
     """Minimize a black-box function with zeroth-order gradient estimates.
 
     With nothing but ``fun``, ``x0`` and ``budget``, the run needs no tuning: the default
-    ``optimizer="auto"`` (:class:`zoblackbox.strategy.AutoStrategy`) measures the noise of ``fun``
+    ``optimizer="auto"`` (``zoblackbox.strategy.AutoStrategy``) measures the noise of ``fun``
     (ECNoise on 7 queries), runs L-BFGS on coordinate-wise finite differences whose step follows
     the dtype, the scale of ``x`` and the noise (forward, then central once the line search
     stalls; central with the noise-aware L-BFGS on noisy functions), then spends what is left of
@@ -91,84 +96,128 @@ def minimize(
     ``optimizer``) and you get exactly those instead: ``optimizer="auto"`` with any of them means
     ``"adam"``, the first-order default for neural networks (lr ``1e-2``, DeepZero's ``mu=5e-3``).
 
-    Args:
-        fun: the function: a plain callable ``fun(x) -> float`` (numpy in, as scipy does, or torch
-            when ``x0`` is a tensor; with ``vectorized=True``, ``fun(X) -> K losses`` for a
-            ``(K, dim)`` batch) or a zoblackbox :class:`~zoblackbox.oracle.Oracle`.
-        x0: starting point, 1-D, finite. With a callable, the computation dtype follows ``x0``
-            (float64 for numpy float64 arrays, ints and lists).
-        estimator: gradient estimator; ``"auto"`` (default) lets the strategy choose (with the
-            default optimizer), or picks CGE or RGE from the dimension and the budget
-            (:func:`auto_estimator`) for a first-order ``optimizer``, and forward CGE for
-            ``"lbfgs"`` (curvature pairs from random-direction estimates would be noise).
-        optimizer: ``"auto"`` (default, above), ``"sgd"``, ``"adam"``, ``"adamw"``, ``"signsgd"``,
-            ``"lbfgs"`` or a ``torch.optim`` class. ``"lbfgs"`` is zoblackbox's L-BFGS for estimated
-            gradients (:class:`zoblackbox.rules.LBFGSRule`): line searches on function values only
-            (one query per trial), the gradient estimated only at accepted points, about ``d + 2``
-            queries per forward-CGE iteration; ``optimizer_kwargs`` ``history_size``, ``max_ls``,
-            ``c1`` and ``noise`` (the evaluation noise's standard deviation, for noisy targets). The
-            class ``torch.optim.LBFGS`` runs torch's L-BFGS with a strong-Wolfe search instead, one
-            estimate per function-and-gradient evaluation (the estimator must query the base point),
-            returning the best point evaluated.
-        lr: learning rate; default ``1e-2``, and ``1`` (the quasi-Newton step) for ``"lbfgs"``.
-        budget: maximum queries this run may spend (exact, retries included); the default strategy
-            needs at least 7 (its noise probe) and uses all of it unless the run is stopped. Each iteration
-            costs ``estimator.num_queries(dim)``; one more query is kept for the value at the
-            returned point, so ``budget`` must be at least that cost + 1 (``"lbfgs"`` reports the
-            value its line search measured at the returned point instead, and keeps a query only
-            to evaluate an averaged point under ``noise``).
-        maxiter: maximum iterations.
-        callback: ``callback(intermediate_result)`` after every iteration (``x``, ``fun``, ``nit``,
-            ``nfev``, ``grad``); returning ``True`` (or raising ``StopIteration``) stops the run cleanly.
-        scheduler: evaluates query plans (``zoblackbox.schedule``); default the oracle itself.
-        optimizer_kwargs: extra keyword arguments of the optimizer (e.g. ``momentum``).
-        vectorized: ``fun`` takes a 2-D batch (plain callables only).
-        bounds: a box, for every optimizer: scipy's ``Bounds``, ``(lower, upper)`` (scalars or
-            arrays) or scipy's sequence of ``dim`` ``(min, max)`` pairs (``None`` = unbounded). No
-            query is made outside it (finite-difference steps that would cross it go the other way);
-            see :class:`~zoblackbox.engine.AskTell`.
-        seed: seed of the default strategy's probe and CMA-ES sampling, or of the estimator
-            ``"auto"`` picks.
-        lr_schedule: ``lr_schedule(iteration) -> factor`` (first-order rules), e.g.
-            :class:`zoblackbox.schedules.WarmupCosine`.
-        progress: a tqdm bar with the loss, the queries and the queries per second (``None``: on
-            when standard error is a terminal).
-        log: a file to which one JSON line per iteration is written (a resumed run rewrites it with the
-            records its checkpoint has seen; a fresh run refuses a file that already holds records).
-        checkpoint: a directory for checkpoints of the engine and the oracle's counters, written
-            atomically every ``checkpoint_every`` iterations and at the end. Calling ``minimize``
-            again with the same directory (after a crash or a kill) continues the run and ends with
-            the same parameters, bitwise, as an uninterrupted run; a finished run returns its result
-            without querying again. A checkpoint of another problem is refused (CheckpointError).
-        checkpoint_every: iterations between checkpoints.
+    Parameters
+    ----------
+    fun : callable or Oracle
+        The function: a plain callable ``fun(x) -> float`` (numpy in, as scipy does, or torch when
+        ``x0`` is a tensor; with ``vectorized=True``, ``fun(X) -> K losses`` for a ``(K, dim)``
+        batch) or a zoblackbox :class:`Oracle`.
+    x0 : array_like or torch.Tensor
+        Starting point, 1-D, finite. With a callable, the computation dtype follows ``x0``
+        (float64 for numpy float64 arrays, ints and lists).
+    estimator : Estimator or "auto", default "auto"
+        Gradient estimator. ``"auto"`` lets the default strategy choose, or picks CGE or RGE from
+        the dimension and the budget for a first-order ``optimizer`` (CGE when ``dim <= 20``, no
+        budget, or at least 100 CGE iterations fit; else RGE with ``q=20``), and forward CGE for
+        ``"lbfgs"`` (curvature pairs from random-direction estimates would be noise).
+    optimizer : str or type, default "auto"
+        ``"auto"`` (above), ``"sgd"``, ``"adam"``, ``"adamw"``, ``"signsgd"``, ``"lbfgs"`` or a
+        ``torch.optim.Optimizer`` class. ``"lbfgs"`` is zoblackbox's L-BFGS for estimated
+        gradients: line searches on function values only (one query per trial), the gradient
+        estimated only at accepted points, about ``d + 2`` queries per forward-CGE iteration;
+        ``optimizer_kwargs`` ``history_size``, ``max_ls``, ``c1`` and ``noise`` (the evaluation
+        noise's standard deviation, for noisy targets). The class ``torch.optim.LBFGS`` runs
+        torch's L-BFGS with a strong-Wolfe search instead, one estimate per function-and-gradient
+        evaluation (the estimator must query the base point), returning the best point evaluated.
+    lr : float or None, default None
+        Learning rate, positive and finite; ``None`` means ``1e-2``, and ``1`` (the quasi-Newton
+        step) for ``"lbfgs"``.
+    budget : int or None, default None
+        Maximum queries this run may spend (exact, retries included). The default strategy needs
+        at least 7 (its noise probe) and uses all of it unless the run is stopped. Each iteration
+        costs ``estimator.num_queries(dim)``; one more query is kept for the value at the returned
+        point, so ``budget`` must be at least that cost + 1 (``"lbfgs"`` reports the value its line
+        search measured at the returned point instead). At least one of ``budget`` and ``maxiter``
+        is required.
+    maxiter : int or None, default None
+        Maximum iterations, ``>= 1``.
+    callback : callable or None, default None
+        ``callback(intermediate_result)`` after every iteration (``x``, ``fun``, ``nit``, ``nfev``,
+        ``grad``); returning ``True`` (or raising ``StopIteration``) stops the run cleanly.
+    scheduler : zoblackbox.schedule.Scheduler or None, default None
+        Evaluates query plans (``zoblackbox.schedule``); default: the oracle itself.
+    optimizer_kwargs : dict or None, default None
+        Extra keyword arguments of the optimizer (e.g. ``momentum``), checked when the run is built.
+    vectorized : bool, default False
+        ``fun`` takes a 2-D batch (plain callables only).
+    bounds : scipy.optimize.Bounds or tuple or sequence or None, default None
+        A box, for every optimizer: scipy's ``Bounds``, ``(lower, upper)`` (scalars or arrays) or
+        scipy's sequence of ``dim`` ``(min, max)`` pairs (``None`` = unbounded). No query is made
+        outside it (finite-difference steps that would cross it go the other way).
+    seed : int or None, default 0
+        Seed of the default strategy's probe and CMA-ES sampling, or of the estimator ``"auto"``
+        picks.
+    lr_schedule : callable or None, default None
+        ``lr_schedule(iteration) -> factor`` (first-order rules), e.g. :class:`WarmupCosine`; a
+        factor must be a finite number ``>= 0``.
+    progress : bool or None, default False
+        A tqdm bar with the loss, the queries and the queries per second (``None``: on when
+        standard error is a terminal).
+    log : str or os.PathLike or None, default None
+        A file to which one JSON line per iteration is written (a resumed run rewrites it with the
+        records its checkpoint has seen; a fresh run refuses a file that already holds records).
+    checkpoint : str or os.PathLike or None, default None
+        A directory for checkpoints of the engine and the oracle's counters, written atomically
+        every ``checkpoint_every`` iterations and at the end. Calling ``minimize`` again with the
+        same directory (after a crash or a kill) continues the run and ends with the same
+        parameters, bitwise, as an uninterrupted run; a finished run returns its result without
+        querying again.
+    checkpoint_every : int, default 1
+        Iterations between checkpoints, ``>= 1``.
 
-    Returns:
-        :class:`~zoblackbox.result.ZOResult` with ``x`` (numpy), ``fun`` (loss at ``x``), ``nfev``
-        (queries this run spent), ``nit``, ``success``, ``message``, ``history`` (one dict per
-        iteration: ``nit``, ``nfev``, ``f0``, ``grad_norm``, ``n_failed``, ``time``),
-        ``failures`` and, under the default strategy, ``strategy`` (the measured noise, the phases
-        and why each was chosen). The default strategy returns the best point it evaluated, with
-        its measured loss (a noisy function: its final estimate of the optimum, evaluated once). An update that would make ``x`` non-finite (a divergent run) stops the run
-        with ``success=False`` and returns the last finite iterate; so does an iterate so large that
-        ``x + mu == x`` (the estimator could measure no difference there).
+    Returns
+    -------
+    ZOResult
+        ``x`` (numpy when ``x0`` was numpy), ``fun`` (loss at ``x``), ``nfev`` (queries this run
+        spent), ``nit``, ``success``, ``message``, ``history`` (one dict per iteration: ``nit``,
+        ``nfev``, ``f0``, ``grad_norm``, ``n_failed``, ``time``), ``failures`` and, under the
+        default strategy, ``strategy`` (the measured noise, the phases and why each was chosen).
+        The default strategy returns the best point it evaluated, with its measured loss (a noisy
+        function: its final estimate of the optimum, evaluated once). An update that would make
+        ``x`` non-finite (a divergent run) stops the run with ``success=False`` and returns the
+        last finite iterate; so does an iterate so large that ``x + mu == x``.
 
-    Raises:
-        ConfigError: a bad argument (the message names it), before any query.
-        TypeError: an argument of the wrong kind (fun, estimator, scheduler, callback...).
-        OracleError: a query failed under the oracle's ``raise`` policy.
-        CheckpointError: ``checkpoint`` holds a checkpoint of another run.
+    Raises
+    ------
+    ConfigError
+        A bad value (the message names it), before any query: a non-finite ``x0``, neither
+        ``budget`` nor ``maxiter``, a budget too small for one iteration, a bad ``lr``, bound,
+        optimizer name or keyword, ``lr_schedule`` factor or ``checkpoint_every``.
+    TypeError
+        An argument of the wrong kind: ``fun`` not callable, ``estimator`` not an
+        :class:`Estimator`, ``scheduler`` without ``run``, ``callback`` not callable,
+        ``optimizer_kwargs`` not a mapping, ``progress`` not a bool or ``None``.
+    OracleError
+        A query failed under the oracle's ``"raise"`` policy.
+    CheckpointError
+        ``checkpoint`` holds a corrupt checkpoint or one of another run.
 
-    Example:
-        >>> import numpy as np
-        >>> from scipy.optimize import rosen
-        >>> res = minimize(rosen, np.zeros(4), budget=600)
-        >>> bool(res.fun < 1e-8), res.strategy["decisions"][1]["phase"]
-        (True, 'local')
-        >>> from zoblackbox import CoordinateEstimator
-        >>> res = minimize(rosen, np.zeros(4), optimizer="lbfgs", estimator=CoordinateEstimator(mu=1e-6),
-        ...                budget=600)
-        >>> bool(res.fun < 1e-3)
-        True
+    See Also
+    --------
+    AskTell : the same engine, driven by hand (points evaluated outside Python).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy.optimize import rosen
+    >>> from zoblackbox import minimize
+    >>> res = minimize(rosen, np.zeros(4), budget=600)
+    >>> bool(res.fun < 1e-8), res.nfev <= 600, res.strategy["decisions"][1]["phase"]
+    (True, True, 'local')
+
+    Explicit settings are used exactly as given:
+
+    >>> from zoblackbox import CoordinateEstimator
+    >>> res = minimize(rosen, np.zeros(4), optimizer="lbfgs", estimator=CoordinateEstimator(mu=1e-6),
+    ...                budget=600)
+    >>> bool(res.fun < 1e-3)
+    True
+
+    A bounded run never queries outside the box:
+
+    >>> res = minimize(lambda x: float(((x - 3) ** 2).sum()), np.zeros(2), bounds=(-1, 1), budget=300)
+    >>> res.x.round(3)
+    array([1., 1.])
     """
     oracle, x = as_oracle(fun, x0, vectorized=vectorized)
     if not torch.isfinite(x).all():

@@ -25,10 +25,15 @@ import math
 import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ._types import BatchLike
+
+if TYPE_CHECKING:
+    from .plan import QueryPlan
 from .errors import BudgetExhaustedError, ConfigError, OracleError
 
 __all__ = [
@@ -48,16 +53,37 @@ _ACTIONS = ("raise", "inf", "skip")
 class FailurePolicy:
     """What to do with a failed query (it raised, returned NaN/inf, or timed out).
 
-    Args:
-        action: ``"raise"`` (default) stops with :class:`~zoblackbox.errors.OracleError` naming
-            the query index and the bad value; ``"inf"`` reports the query's loss as ``+inf``;
-            ``"skip"`` reports it as ``nan``. Estimators leave non-finite losses out of their
-            finite differences, so ``inf`` and ``skip`` keep a run going.
-        retries: how many times a failed query is re-evaluated (each attempt is a counted query,
-            within the budget) before ``action`` applies.
+    The string shortcuts accepted wherever a policy is expected (``on_failure=``) are ``"raise"``,
+    ``"inf"``, ``"skip"`` and ``"retry"`` (= ``FailurePolicy("skip", retries=3)``).
 
-    The string shortcuts accepted wherever a policy is expected are ``"raise"``, ``"inf"``,
-    ``"skip"`` and ``"retry"`` (= ``FailurePolicy("skip", retries=3)``).
+    Parameters
+    ----------
+    action : {"raise", "inf", "skip"}, default "raise"
+        ``"raise"`` stops with :class:`OracleError` naming the query index and the bad value;
+        ``"inf"`` reports the query's loss as ``+inf``; ``"skip"`` reports it as ``nan``.
+        Estimators leave non-finite losses out of their finite differences, so ``inf`` and
+        ``skip`` keep a run going.
+    retries : int, default 0
+        How many times a failed query is re-evaluated (each attempt is a counted query, within the
+        budget) before ``action`` applies; an int ``>= 0``.
+
+    Raises
+    ------
+    ConfigError
+        An unknown ``action``, or ``retries`` not an int ``>= 0``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import FailurePolicy, FunctionOracle
+    >>> FailurePolicy.coerce("retry")
+    FailurePolicy(action='skip', retries=3)
+    >>> oracle = FunctionOracle(lambda x: float("nan") if x[0] > 0 else 1.0, dim=1,
+    ...                         on_failure=FailurePolicy("inf"))
+    >>> oracle.evaluate(torch.tensor([[-1.0], [1.0]]))
+    tensor([1., inf], dtype=torch.float64)
+    >>> oracle.failures[0].kind
+    'nonfinite'
     """
 
     action: str = "raise"
@@ -71,6 +97,7 @@ class FailurePolicy:
 
     @classmethod
     def coerce(cls, spec: FailurePolicy | str) -> FailurePolicy:
+        """A policy from a policy (returned as is) or a string shortcut; ``ConfigError`` otherwise."""
         if isinstance(spec, FailurePolicy):
             return spec
         if spec == "retry":
@@ -85,7 +112,38 @@ class FailurePolicy:
 
 @dataclass
 class QueryFailure:
-    """The record of one failed query (kept in :attr:`Oracle.failures`)."""
+    """The record of one failed query (kept in the oracle's ``failures`` list).
+
+    A dataclass; the parameters are its fields.
+
+    Parameters
+    ----------
+    index : int
+        0-based index of the query in the oracle's lifetime count.
+    kind : {"exception", "nonfinite", "timeout"}
+        How it failed.
+    message : str
+        The exception's message, or a description of the bad value.
+    value : float or None, default None
+        The value returned (``None`` when the query raised).
+    attempts : int, default 1
+        Evaluations made, retries included.
+    resolved : bool, default False
+        Whether a retry produced a finite value.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import FunctionOracle
+    >>> def flaky(x):
+    ...     raise RuntimeError("simulator crashed")
+    >>> oracle = FunctionOracle(flaky, dim=2, on_failure="skip")
+    >>> oracle.evaluate(torch.zeros(1, 2))
+    tensor([nan], dtype=torch.float64)
+    >>> failure = oracle.failures[0]
+    >>> failure.index, failure.kind, failure.message
+    (0, 'exception', 'query #0 raised RuntimeError: simulator crashed')
+    """
 
     index: int
     kind: str  # "exception" | "nonfinite" | "timeout"
@@ -95,6 +153,7 @@ class QueryFailure:
     resolved: bool = False  # a retry produced a finite value
 
     def as_dict(self) -> dict:
+        """The record as a JSON-able dict."""
         return {
             "index": self.index,
             "kind": self.kind,
@@ -116,6 +175,14 @@ class RawResult:
 
 _REPR = reprlib.Repr()
 _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 60, 60, 8, 8, 8
+
+
+def _plan_rows(plan, start: int, device, dtype) -> Callable[[int], torch.Tensor]:
+    """Point ``start + i`` of ``plan`` for a chunk's row ``i`` (on ``device`` in ``dtype``)."""
+    def point(i: int) -> torch.Tensor:
+        return plan.point(start + i).to(device, dtype)
+
+    return point
 
 
 def short_repr(value) -> str:
@@ -177,12 +244,47 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 class Oracle:
     """Base class of every oracle: counted, budgeted queries with a failure policy.
 
-    Args:
-        dim: length of the parameter vector.
-        budget: maximum number of queries over the oracle's lifetime (``None``: unlimited).
-        on_failure: a :class:`FailurePolicy` or its string shortcut.
-        dtype: dtype of the points handed to the hooks (default: torch's default dtype).
-        device: device of those points.
+    An oracle is an opaque function of a flat parameter vector that is only ever queried.
+    Subclasses implement ``_evaluate_one(x) -> float`` or the vectorized
+    ``_evaluate_batch(X) -> Tensor[K]``; callers use ``oracle(x)``, :meth:`evaluate` and
+    :meth:`evaluate_plan`, which count every query in ``nfev`` and apply the failure policy
+    (failed queries are recorded in ``failures``).
+
+    Parameters
+    ----------
+    dim : int
+        Length of the parameter vector, ``>= 1``.
+    budget : int or None, default None
+        Maximum number of queries over the oracle's lifetime, ``>= 0`` (``None``: unlimited).
+    on_failure : FailurePolicy or {"raise", "inf", "skip", "retry"}, default "raise"
+        What a failed query does.
+    dtype : torch.dtype or None, default None
+        Floating dtype of the points handed to the hooks (default: torch's default dtype).
+    device : str or torch.device or None, default None
+        Device of those points (default: CPU).
+
+    Raises
+    ------
+    ConfigError
+        ``dim`` not an int ``>= 1``, ``budget`` not an int ``>= 0``, an unknown failure policy, a
+        non-floating ``dtype`` or a device torch cannot parse.
+
+    See Also
+    --------
+    FunctionOracle : any Python callable as an oracle.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import Oracle
+    >>> class Sphere(Oracle):
+    ...     def _evaluate_batch(self, X):
+    ...         return (X.double() ** 2).sum(dim=1)
+    >>> oracle = Sphere(3, budget=10)
+    >>> oracle.evaluate(torch.ones(4, 3))
+    tensor([3., 3., 3., 3.], dtype=torch.float64)
+    >>> oracle.nfev, oracle.remaining
+    (4, 6)
     """
 
     def __init__(
@@ -225,18 +327,18 @@ class Oracle:
         x = as_vector(x, dim=self.dim, dtype=self.dtype, device=self.device)
         return float(self.evaluate(x[None])[0])
 
-    def evaluate(self, X) -> torch.Tensor:
+    def evaluate(self, X: BatchLike) -> torch.Tensor:
         """Losses at the ``K`` rows of ``X`` (shape ``(K, dim)``) as a float64 tensor of length K."""
         X = self._check_batch(X)
         self.reserve(X.shape[0])
         raw = self.raw_evaluate(X)
         return self.record(raw, lambda i: X[i])
 
-    def evaluate_plan(self, plan, chunk_size: int | None = None) -> torch.Tensor:
+    def evaluate_plan(self, plan: QueryPlan, chunk_size: int | None = None) -> torch.Tensor:
         """Losses of every query of a :class:`~zoblackbox.plan.QueryPlan`, in plan order.
 
         The whole plan is reserved against the budget before the first query; points are
-        materialized ``chunk_size`` rows at a time (default :attr:`chunk_size`).
+        materialized ``chunk_size`` rows at a time (default ``chunk_size``).
         """
         n = len(plan)
         self.reserve(n)
@@ -247,7 +349,7 @@ class Oracle:
         for start, stop in iter_chunks(n, size):
             X = plan.points(start, stop).to(device=self.device, dtype=self.dtype)
             raw = self.raw_evaluate(X)
-            out[start:stop] = self.record(raw, lambda i, s=start: plan.point(s + i).to(self.device, self.dtype))
+            out[start:stop] = self.record(raw, _plan_rows(plan, start, self.device, self.dtype))
         return out
 
     #: rows materialized at once by :meth:`evaluate_plan`
@@ -268,7 +370,7 @@ class Oracle:
     def reserve(self, n: int) -> None:
         """Refuse (before anything runs) a batch of ``n`` queries that would overrun the budget.
 
-        The ``n`` queries stay reserved until :meth:`record` has counted them: retries of failed
+        The ``n`` queries stay reserved until :meth:`~zoblackbox.Oracle.record` has counted them: retries of failed
         queries never spend budget that the rest of the batch needs.
         """
         if self.budget is not None and self.nfev + n > self.budget:
@@ -279,12 +381,12 @@ class Oracle:
         self._outstanding = n
 
     def raw_evaluate(self, X: torch.Tensor) -> RawResult:
-        """Evaluate without counting or failure policy (schedulers call this, then :meth:`record`).
+        """Evaluate without counting or failure policy (schedulers call this, then :meth:`~zoblackbox.Oracle.record`).
 
         With a per-point oracle, exceptions are isolated per query; a vectorized batch that raises
         marks every query of the batch as failed with that exception. A batch that raises
         :class:`OracleError` (e.g. the wrong number of losses) stops the step; it ran, so it is
-        counted in :attr:`nfev` first.
+        counted in ``nfev`` first.
         """
         with torch.no_grad():
             if type(self)._evaluate_batch is Oracle._evaluate_batch:
@@ -354,11 +456,12 @@ class Oracle:
 
     def failure_report(self) -> dict:
         """Counts of failed queries by kind, and how many a retry resolved."""
-        report = {"failed_queries": len(self.failures), "resolved_by_retry": 0, "by_kind": {}}
+        by_kind: dict[str, int] = {}
+        resolved = 0
         for f in self.failures:
-            report["by_kind"][f.kind] = report["by_kind"].get(f.kind, 0) + 1
-            report["resolved_by_retry"] += int(f.resolved)
-        return report
+            by_kind[f.kind] = by_kind.get(f.kind, 0) + 1
+            resolved += int(f.resolved)
+        return {"failed_queries": len(self.failures), "resolved_by_retry": resolved, "by_kind": by_kind}
 
     # ------------------------------------------------------------------ helpers
     def _check_batch(self, X) -> torch.Tensor:
@@ -474,8 +577,9 @@ class BudgetView(Oracle):
     def failures(self):
         return self.unwrapped.failures
 
+    # the view's settings are the wrapped oracle's, read-only (a base-class attribute there)
     @property
-    def policy(self) -> FailurePolicy:
+    def policy(self) -> FailurePolicy:  # type: ignore[override]
         return self.unwrapped.policy
 
     @property
@@ -491,11 +595,11 @@ class BudgetView(Oracle):
         return self.unwrapped.device
 
     @property
-    def chunk_size(self) -> int:
+    def chunk_size(self) -> int:  # type: ignore[override]
         return self.unwrapped.chunk_size
 
     @property
-    def budget(self) -> int | None:
+    def budget(self) -> int | None:  # type: ignore[override]
         """The tighter of the wrapped oracle's budget and the view's limit (absolute, in ``nfev``)."""
         own = self.unwrapped.budget
         if self.limit is None:
@@ -514,7 +618,7 @@ class BudgetView(Oracle):
         if inner is not Oracle.reserve:  # the oracle checks something of its own (e.g. a batch is set)
             self.unwrapped.reserve(n)
 
-    def raw_evaluate(self, X):
+    def raw_evaluate(self, X: torch.Tensor) -> RawResult:
         return self.unwrapped.raw_evaluate(X)
 
     def __getattr__(self, name):
@@ -527,24 +631,43 @@ class BudgetView(Oracle):
 class FunctionOracle(Oracle):
     """Wrap any Python callable as an oracle.
 
-    Args:
-        fn: ``fn(x) -> float`` for one 1-D point, or, with ``vectorized=True``,
-            ``fn(X) -> K losses`` for a ``(K, dim)`` batch.
-        dim: length of the parameter vector.
-        vectorized: whether ``fn`` takes a batch (a ``bool``).
-        numpy: hand ``fn`` numpy arrays instead of torch tensors (for simulators written in numpy;
-            a ``bool``).
-        **kwargs: ``budget``, ``on_failure``, ``dtype``, ``device`` as in :class:`Oracle`.
-
     The points' dtype: ``dtype`` when given; otherwise ``torch.float64`` with ``numpy=True``
     (numpy computes in float64, and float32 points would round every perturbation of a float64
     simulator to float32 precision) and torch's default dtype (``torch.get_default_dtype()``)
     for a torch function.
 
-    Example:
-        >>> oracle = FunctionOracle(lambda x: float((x ** 2).sum()), dim=3)
-        >>> oracle([1.0, 2.0, 2.0])
-        9.0
+    Parameters
+    ----------
+    fn : callable
+        ``fn(x) -> float`` for one 1-D point, or, with ``vectorized=True``, ``fn(X) -> K losses``
+        for a ``(K, dim)`` batch.
+    dim : int
+        Length of the parameter vector, ``>= 1``.
+    vectorized : bool, default False
+        Whether ``fn`` takes a batch.
+    numpy : bool, default False
+        Hand ``fn`` numpy arrays instead of torch tensors (for simulators written in numpy).
+    **kwargs
+        ``budget``, ``on_failure``, ``dtype``, ``device`` as in :class:`Oracle`.
+
+    Raises
+    ------
+    TypeError
+        ``fn`` not callable, or ``vectorized``/``numpy`` not a bool (the string ``"False"`` is not
+        ``False``).
+    ConfigError
+        A bad ``dim``, ``budget``, ``on_failure``, ``dtype`` or ``device``, as in :class:`Oracle`.
+
+    Examples
+    --------
+    >>> from zoblackbox import FunctionOracle
+    >>> oracle = FunctionOracle(lambda x: float((x ** 2).sum()), dim=3)
+    >>> oracle([1.0, 2.0, 2.0])
+    9.0
+    >>> import numpy as np
+    >>> batch = FunctionOracle(lambda X: (X ** 2).sum(axis=1), dim=2, vectorized=True, numpy=True)
+    >>> batch.evaluate(np.eye(2)), batch.nfev
+    (tensor([1., 1.], dtype=torch.float64), 2)
     """
 
     def __init__(self, fn: Callable, dim: int, *, vectorized: bool = False, numpy: bool = False, **kwargs):
@@ -567,7 +690,7 @@ class FunctionOracle(Oracle):
     def _evaluate_one(self, x):
         return self.fn(self._convert(x))
 
-    def raw_evaluate(self, X):
+    def raw_evaluate(self, X: torch.Tensor) -> RawResult:
         if not self.vectorized:
             return super().raw_evaluate(X)
         with torch.no_grad():

@@ -20,7 +20,37 @@ __all__ = ["ParamLayout"]
 
 @dataclass(frozen=True)
 class ParamLayout:
-    """Names, shapes and offsets of tensors packed into one flat vector (in the given order)."""
+    """Names, shapes and offsets of tensors packed into one flat vector (in the given order).
+
+    Tensor ``i`` occupies ``x[offsets[i]:offsets[i + 1]]`` of the flat vector ``x`` the oracle sees;
+    ``dim`` is the total size. Frozen (hashable) dataclass; build it from a model's parameters with
+    :meth:`from_tensors`.
+
+    Parameters
+    ----------
+    names : tuple of str
+        Distinct names, in vector order.
+    shapes : tuple of tuple of int
+        One shape per name; entries are ints ``>= 0``.
+
+    Raises
+    ------
+    ConfigError
+        ``names`` not a tuple of distinct strings, a different number of shapes, or a shape that is
+        not a tuple of non-negative ints.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import ParamLayout
+    >>> layout = ParamLayout.from_tensors(torch.nn.Linear(3, 2).named_parameters())
+    >>> layout.names, layout.shapes, layout.dim
+    (('weight', 'bias'), ((2, 3), (2,)), 8)
+    >>> layout.slice("bias")
+    slice(6, 8, None)
+    >>> {k: tuple(v.shape) for k, v in layout.unflatten(torch.arange(8.0)).items()}
+    {'weight': (2, 3), 'bias': (2,)}
+    """
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
@@ -39,6 +69,10 @@ class ParamLayout:
 
     @classmethod
     def from_tensors(cls, named: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> ParamLayout:
+        """The layout of named tensors (``model.named_parameters()`` or a dict), in their order.
+
+        Raises :class:`~zoblackbox.ConfigError` when there are none.
+        """
         items = list(named.items() if isinstance(named, Mapping) else named)
         if not items:
             raise ConfigError("a parameter layout needs at least one tensor")
@@ -46,6 +80,7 @@ class ParamLayout:
 
     @property
     def numels(self) -> tuple[int, ...]:
+        """Number of entries of every tensor."""
         out = []
         for s in self.shapes:
             n = 1
@@ -65,7 +100,9 @@ class ParamLayout:
 
     @property
     def dim(self) -> int:
+        """Length of the flat vector."""
         return self.offsets[-1]
+
 
     def slice(self, name: str) -> slice:
         """The slice of the flat vector holding ``name``."""

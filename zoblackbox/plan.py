@@ -39,18 +39,46 @@ def _is_int(value) -> bool:
 
 @dataclass
 class QueryPlan:
-    """A batch of queries around ``base``.
+    """A batch of queries around ``base``: what an estimator wants evaluated.
 
-    Attributes:
-        base: the base point, shape ``(d,)``.
-        include_base: whether query 0 is the base point itself.
-        coords: ``(m,)`` long tensor of perturbed coordinates (coordinate plans), else ``None``.
-        offsets: ``(m,)`` signed step added to ``base[coords[j]]`` for query j (coordinate plans).
-        directions: ``(m, d)`` dense perturbations added to ``base`` (direction plans), else ``None``.
-        support: number of coordinates the directions live on (direction plans).
+    Query 0 is ``base`` (when ``include_base``), then ``base + offsets[j] * e_{coords[j]}``
+    (coordinate plans) or ``base + directions[j]`` (direction plans). A plan has either
+    ``coords``/``offsets`` or ``directions``. Array-likes are converted to tensors and kept as the
+    attributes of the same names; ``len(plan)`` is the number of queries.
 
-    Array-likes are converted to tensors; fields of the wrong shape or dtype, or coordinates
-    outside ``[0, d)``, raise :class:`~zoblackbox.errors.ConfigError` (a ``ValueError``) naming them.
+    Parameters
+    ----------
+    base : torch.Tensor or array_like
+        The base point, 1-D floating point, shape ``(d,)``.
+    include_base : bool, default True
+        Whether query 0 is the base point itself.
+    coords : torch.Tensor or array_like or None, default None
+        ``(m,)`` integer indices in ``[0, d)`` of the perturbed coordinates (coordinate plans).
+    offsets : torch.Tensor or array_like or None, default None
+        ``(m,)`` real signed steps added to ``base[coords[j]]`` (coordinate plans; required with
+        ``coords``, forbidden otherwise).
+    directions : torch.Tensor or array_like or None, default None
+        ``(m, d)`` real perturbations added to ``base`` (direction plans).
+    support : int or None, default None
+        Number of coordinates the directions live on, in ``[0, d]`` (direction plans).
+
+    Raises
+    ------
+    ConfigError
+        Both or neither of ``coords`` and ``directions``; a field of the wrong shape or dtype;
+        coordinates outside ``[0, d)``; ``include_base`` not a bool; ``support`` out of range.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import QueryPlan
+    >>> plan = QueryPlan(torch.zeros(3), coords=torch.tensor([0, 2]), offsets=torch.tensor([0.1, 0.1]))
+    >>> len(plan), plan.kind
+    (3, 'coordinate')
+    >>> plan.points()
+    tensor([[0.0000, 0.0000, 0.0000],
+            [0.1000, 0.0000, 0.0000],
+            [0.0000, 0.0000, 0.1000]])
     """
 
     base: torch.Tensor
@@ -99,17 +127,21 @@ class QueryPlan:
 
     @property
     def kind(self) -> str:
+        """``"coordinate"`` or ``"direction"``."""
         return "coordinate" if self.coords is not None else "direction"
 
     @property
     def num_perturbations(self) -> int:
-        return int(self.coords.shape[0] if self.coords is not None else self.directions.shape[0])
+        rows = self.coords if self.coords is not None else self.directions
+        assert rows is not None  # __post_init__: a plan has coordinates or directions
+        return int(rows.shape[0])
 
     def __len__(self) -> int:
         return self.num_perturbations + int(self.include_base)
 
     @property
     def dim(self) -> int:
+        """Length ``d`` of the base point."""
         return int(self.base.shape[0])
 
     def point(self, i: int) -> torch.Tensor:
@@ -133,9 +165,11 @@ class QueryPlan:
             return X
         first_row = lo + shift - start
         if self.coords is not None:
+            assert self.offsets is not None  # __post_init__: coordinate plans have offsets
             r = torch.arange(first_row, first_row + hi - lo, device=X.device)
             c = self.coords[lo:hi].to(X.device)
             X[r, c] += self.offsets[lo:hi].to(X.device, X.dtype)
         else:
+            assert self.directions is not None
             X[first_row:] += self.directions[lo:hi].to(X.device, X.dtype)
         return X

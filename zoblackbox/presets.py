@@ -38,7 +38,29 @@ class Preset(dict):
     """Keyword arguments of ``minimize`` / ``AskTell`` built by a named recipe.
 
     A ``dict`` (so ``**preset`` works) that remembers the recipe: ``name`` and ``params`` (the
-    arguments it was built from), shown by ``repr`` as ``name(param=value, ...)``.
+    arguments it was built from), shown by ``repr`` as ``name(param=value, ...)``. Built by the
+    preset functions (:func:`ars_v2t`, :func:`openai_es`); it pickles with its name and parameters.
+
+    Parameters
+    ----------
+    name : str
+        The recipe's name (positional only).
+    params : dict
+        The arguments the recipe was built from (positional only; copied).
+    **kwargs
+        The keyword arguments of ``minimize``/``AskTell``: ``estimator``, ``optimizer``, ``lr``,
+        ``optimizer_kwargs``.
+
+    See Also
+    --------
+    ars_v2t, openai_es
+
+    Examples
+    --------
+    >>> from zoblackbox import Preset
+    >>> p = Preset("plain_sgd", {"lr": 0.1}, optimizer="sgd", lr=0.1)
+    >>> p, dict(p)
+    (plain_sgd(lr=0.1), {'optimizer': 'sgd', 'lr': 0.1})
     """
 
     def __init__(self, name: str, params: dict, /, **kwargs):
@@ -105,19 +127,50 @@ def ars_v2t(n_directions: int, top_b: int, step_size: float, noise: float, seed:
     ``lr = 2 nu alpha`` gives the paper's step. The "V2" state normalization is the oracle's
     business (``GymPolicyOracle(..., obs_norm="running")``). One step costs ``2N`` queries.
 
-    Args:
-        n_directions: ``N``, directions per step (>= 1).
-        top_b: ``b``, pairs kept (``1 <= b <= N``; ``b = N`` is ARS V2).
-        step_size: ``alpha`` (> 0).
-        noise: ``nu``, the exploration radius (> 0).
-        seed: seed of the directions (an int or ``None``, which means 0).
+    Parameters
+    ----------
+    n_directions : int
+        ``N``, directions per step; ``1 <= N <= 2**24``.
+    top_b : int
+        ``b``, pairs kept; ``1 <= b <= N`` (``b = N`` is ARS V2).
+    step_size : float
+        ``alpha``; a positive finite number.
+    noise : float
+        ``nu``, the exploration radius; positive, finite, at most ``1e30``.
+    seed : int or None, default 0
+        Seed of the directions (``None`` means 0).
 
-    Example:
-        >>> preset = ars_v2t(8, 4, step_size=0.02, noise=0.03)
-        >>> preset["optimizer"], round(preset["lr"], 6)
-        ('sgd', 0.0012)
-        >>> preset["estimator"]
-        RandomEstimator(mu=0.03, q=8, directions='gaussian', antithetic=True, top_b=4, fitness_shaping='std')
+    Returns
+    -------
+    Preset
+        ``estimator``, ``optimizer="sgd"`` and ``lr = 2 nu alpha``.
+
+    Raises
+    ------
+    ConfigError
+        An argument of the wrong kind (a bool is not an int) or out of its range above, or
+        ``top_b > n_directions``.
+
+    See Also
+    --------
+    openai_es
+
+    Examples
+    --------
+    >>> from zoblackbox import ars_v2t
+    >>> preset = ars_v2t(8, 4, step_size=0.02, noise=0.03)
+    >>> preset["optimizer"], round(preset["lr"], 6)
+    ('sgd', 0.0012)
+    >>> preset["estimator"]
+    RandomEstimator(mu=0.03, q=8, directions='gaussian', antithetic=True, top_b=4, fitness_shaping='std')
+
+    The preset unpacks into :func:`minimize`:
+
+    >>> import numpy as np
+    >>> from zoblackbox import minimize
+    >>> res = minimize(lambda x: float(((x - 1) ** 2).sum()), np.zeros(4), budget=400, **preset)
+    >>> res.nfev <= 400, res.fun < 4.0
+    (True, True)
     """
     n = _at_most(_positive_int(n_directions, "n_directions"), MAX_Q, "n_directions", "the estimator's MAX_Q directions")
     b = _positive_int(top_b, "top_b")
@@ -153,17 +206,44 @@ def openai_es(population: int, sigma: float, lr: float, weight_decay: float = 0.
     virtual batch normalization and observation normalization belong to the policy and the oracle.
     One step costs ``population`` queries.
 
-    Args:
-        population: points evaluated per step; an even int >= 2 (mirrored pairs).
-        sigma: the noise standard deviation (> 0).
-        lr: Adam's learning rate (> 0).
-        weight_decay: decoupled weight decay (>= 0; 0 = plain Adam).
-        seed: seed of the directions (an int or ``None``, which means 0).
+    Parameters
+    ----------
+    population : int
+        Points evaluated per step; an even int, ``2 <= population <= 2**25`` (mirrored pairs).
+    sigma : float
+        The noise standard deviation; positive, finite, at most ``1e30``.
+    lr : float
+        Adam's learning rate; a positive finite number.
+    weight_decay : float, default 0.0
+        Decoupled weight decay, finite and ``>= 0`` (0 = plain Adam, otherwise AdamW).
+    seed : int or None, default 0
+        Seed of the directions (``None`` means 0).
 
-    Example:
-        >>> openai_es(population=40, sigma=0.05, lr=0.01)["estimator"]
-        RandomEstimator(mu=0.05, q=20, directions='gaussian', antithetic=True, fitness_shaping='rank')
+    Returns
+    -------
+    Preset
+        ``estimator``, ``optimizer`` (``"adam"`` or ``"adamw"``), ``lr`` and, with weight decay,
+        ``optimizer_kwargs``.
+
+    Raises
+    ------
+    ConfigError
+        ``population`` odd, below 2 or too large; ``sigma``, ``lr`` or ``weight_decay`` out of range
+        or not a number; ``seed`` not an int or ``None``.
+
+    See Also
+    --------
+    ars_v2t
+
+    Examples
+    --------
+    >>> from zoblackbox import openai_es
+    >>> openai_es(population=40, sigma=0.05, lr=0.01)["estimator"]
+    RandomEstimator(mu=0.05, q=20, directions='gaussian', antithetic=True, fitness_shaping='rank')
+    >>> openai_es(population=40, sigma=0.05, lr=0.01, weight_decay=1e-3)["optimizer"]
+    'adamw'
     """
+
     if (isinstance(population, (bool, np.bool_)) or not isinstance(population, (int, np.integer)) or population < 2
             or population % 2):
         raise ConfigError(f"population must be an even int >= 2 (mirrored pairs), got {population!r}")

@@ -45,10 +45,31 @@ def _history_summary(history: list) -> str:
 
 
 class ZOResult(OptimizeResult):
-    """``scipy.optimize.OptimizeResult`` (a dict with attribute access: ``x``, ``fun``, ``nfev``,
-    ``nit``, ``success``, ``message``, ``history``, ``failures``, ...) whose ``repr`` is a few lines:
-    the history is summarized by its length and its first and last values, long arrays by their
-    size and first entries."""
+    """The result of a run: a ``scipy.optimize.OptimizeResult`` with a short ``repr``.
+
+    A dict with attribute access. Fields set by :func:`minimize` and :meth:`AskTell.result`:
+    ``x`` (best point; numpy when ``x0`` was numpy), ``fun`` (its loss), ``nfev`` (queries spent,
+    ``<= budget``), ``nit`` (iterations), ``success``, ``message``, ``history`` (one record per
+    iteration), ``failures`` (failed queries by kind), ``wall_time`` (seconds) and, under the
+    default strategy, ``strategy`` (what it chose and why). Its ``repr`` is a few lines: the history
+    is summarized by its length and first and last values, long arrays by their size and first
+    entries.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from zoblackbox import minimize
+    >>> res = minimize(lambda x: float(x @ x), np.ones(3), budget=200)
+    >>> res.nfev <= 200, round(res.fun, 6)
+    (True, 0.0)
+    >>> print(res)  # doctest: +ELLIPSIS
+      message: ...
+      success: True
+          fun: ...
+            x: [...]
+    ...
+    """
+
 
     def __repr__(self) -> str:
         keys = [k for k in _SUMMARY_ORDER if k in self] + [k for k in self if k not in _SUMMARY_ORDER]

@@ -30,7 +30,7 @@ import types
 import typing
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -46,13 +46,53 @@ __all__ = ["OPTIMIZERS", "ClosureRule", "FirstOrderRule", "LBFGSRule", "SignSGD"
 
 
 class SignSGD(torch.optim.Optimizer):
-    """Sign-SGD: ``p -= lr * sign(grad)`` (robust to the scale of noisy ZO estimates)."""
+    """Sign-SGD as a ``torch.optim.Optimizer``: ``p -= lr * sign(grad)``.
 
-    def __init__(self, params, lr: float = 1e-3):
+    Robust to the scale of noisy ZO estimates: every coordinate moves by ``lr`` in the direction
+    of its estimated descent. ``optimizer="signsgd"`` selects it in :func:`minimize`,
+    :class:`AskTell` and the :class:`Trainer`.
+
+    Parameters
+    ----------
+    params : iterable of torch.Tensor or of dict
+        Parameters (or parameter groups), as for any ``torch.optim`` optimizer.
+    lr : float, default 1e-3
+        Step per coordinate, a positive finite number.
+
+    Raises
+    ------
+    ConfigError
+        ``lr`` is not a positive finite number.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import SignSGD
+    >>> p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    >>> opt = SignSGD([p], lr=0.1)
+    >>> p.grad = torch.tensor([3.0, -1e-6, 0.0])
+    >>> _ = opt.step()
+    >>> p.data
+    tensor([ 0.9000, -1.9000,  0.5000])
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-3):
         super().__init__(params, {"lr": check_lr(lr)})
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # torch overloads step
+        """One step on every parameter with a gradient.
+
+        Parameters
+        ----------
+        closure : callable or None, default None
+            Re-evaluates the loss and returns it, as for ``torch.optim``.
+
+        Returns
+        -------
+        float or None
+            The closure's loss, or ``None``.
+        """
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             for p in group["params"]:
@@ -102,7 +142,7 @@ def _kinds(annotation, default) -> tuple | None:
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
         if origin in (typing.Union, types.UnionType):
             kinds = [_kinds(a, inspect.Parameter.empty) for a in args]
-            return None if any(k is None for k in kinds) else tuple(x for k in kinds for x in k)
+            return None if any(k is None for k in kinds) else tuple(x for k in kinds if k is not None for x in k)
         if origin is tuple and args and Ellipsis not in args:
             elements = [_kinds(a, inspect.Parameter.empty) for a in args]
             return None if any(k is None for k in elements) else (tuple(elements),)
@@ -166,7 +206,7 @@ def check_optimizer_kwargs(cls: type, name: str, kwargs: Mapping) -> None:
     :class:`ConfigError` naming the keyword and the value (torch would fail later, from inside a step,
     or say only ``'<=' not supported between instances of 'float' and 'str'``)."""
     try:
-        params = inspect.signature(cls.__init__).parameters
+        params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]  # the class's own __init__
     except (TypeError, ValueError):  # no signature to check against: the dry step checks what it can
         return
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -379,6 +419,7 @@ class FirstOrderRule(UpdateRule):
 
     @property
     def x(self) -> torch.Tensor:
+        assert self.param is not None, "start() first"
         return self.param.detach()
 
     def iteration(self, engine):
@@ -392,6 +433,7 @@ class FirstOrderRule(UpdateRule):
     def apply_gradient(self, grad: torch.Tensor, engine) -> None:
         """One optimizer step with ``grad``; a step that makes ``x`` non-finite is undone and stops."""
         param = self.param
+        assert param is not None, "start() first"
         self.opt.zero_grad(set_to_none=True)
         param.grad = grad.to(param.dtype)
         previous = param.detach().clone()
@@ -415,10 +457,12 @@ class FirstOrderRule(UpdateRule):
         return state
 
     def load_state_dict(self, state) -> None:
+        assert self.param is not None, "start() first"
         with torch.no_grad():
             self.param.copy_(state["x"])
         self.opt.load_state_dict(clone_tree(state["optimizer"]))
         if self.sched is not None:
+            assert self.lr_schedule is not None  # sched exists only with a schedule
             self.sched.last_epoch = int(state["lr_schedule"]["last_epoch"])
             factor = self.lr_schedule(self.sched.last_epoch)
             for group, base in zip(self.opt.param_groups, self.sched.base_lrs):
@@ -664,7 +708,7 @@ class ClosureRule(UpdateRule):
     def _nit(self) -> int:
         return int(self.opt.state[self.param].get("n_iter", 0)) if self.param in self.opt.state else 0
 
-    def iteration(self, engine):
+    def iteration(self, engine) -> Generator[QueryPlan, torch.Tensor, dict]:
         requests: queue.Queue = queue.Queue()
         replies: queue.Queue = queue.Queue()
         done = object()

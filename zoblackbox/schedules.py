@@ -29,12 +29,35 @@ class WarmupCosine:
     ``factor(step) = (step + 1) / warmup_steps`` during the warm-up; afterwards, with
     ``t = min(1, (step - warmup_steps) / max(1, total_steps - warmup_steps))``,
     ``factor = final_fraction + (1 - final_fraction) * (1 + cos(pi t)) / 2``; it stays at
-    ``final_fraction`` past ``total_steps``.
+    ``final_fraction`` past ``total_steps``. Call it with a step to get the factor.
 
-    Example:
-        >>> s = WarmupCosine(total_steps=10, final_fraction=0.1)
-        >>> s(0), round(s(5), 3), s(10)
-        (1.0, 0.55, 0.1)
+    Parameters
+    ----------
+    total_steps : int
+        The step at which the decay reaches ``final_fraction``; an int ``>= 0``.
+    warmup_steps : int, default 0
+        Steps of linear warm-up from ``1 / warmup_steps`` to 1; an int ``>= 0``.
+    final_fraction : float, default 0.0
+        The factor at and after ``total_steps``, in ``[0, 1]``.
+
+    Raises
+    ------
+    ConfigError
+        ``total_steps`` or ``warmup_steps`` is not an int ``>= 0`` (a bool is not an int), or
+        ``final_fraction`` is not a number in ``[0, 1]``.
+
+    See Also
+    --------
+    Constant : factor 1 throughout.
+
+    Examples
+    --------
+    >>> from zoblackbox import WarmupCosine
+    >>> s = WarmupCosine(total_steps=10, final_fraction=0.1)
+    >>> s(0), round(s(5), 3), s(10)
+    (1.0, 0.55, 0.1)
+    >>> WarmupCosine(total_steps=10, warmup_steps=2)(0)
+    0.5
     """
 
     def __init__(self, total_steps: int, warmup_steps: int = 0, final_fraction: float = 0.0):
@@ -53,6 +76,7 @@ class WarmupCosine:
         return self.final_fraction + (1 - self.final_fraction) * 0.5 * (1 + math.cos(math.pi * t))
 
     def config(self) -> dict:
+        """The schedule as a JSON-able dict (what a checkpoint records)."""
         return {"schedule": "WarmupCosine", "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                 "final_fraction": self.final_fraction}
 
@@ -62,12 +86,29 @@ class WarmupCosine:
 
 
 class Constant:
-    """The peak learning rate throughout (factor 1)."""
+    """The peak learning rate throughout: factor 1 at every step.
+
+    Takes no parameters; the drivers' ``lr_schedule="constant"`` is this schedule.
+
+    See Also
+    --------
+    WarmupCosine : linear warm-up, then cosine decay.
+
+    Examples
+    --------
+    >>> from zoblackbox import Constant
+    >>> Constant()(0), Constant()(10_000)
+    (1.0, 1.0)
+    >>> Constant().config()
+    {'schedule': 'Constant'}
+    """
 
     def __call__(self, step: int) -> float:
         return 1.0
 
     def config(self) -> dict:
+        """The schedule as a JSON-able dict (what a checkpoint records)."""
+
         return {"schedule": "Constant"}
 
     def __repr__(self) -> str:

@@ -26,8 +26,29 @@ __all__ = ["FitnessShaping", "RankShaping", "StdShaping", "average_ranks", "shap
 class FitnessShaping(ABC):
     """Transforms the paired losses of an RGE estimate: ``__call__(plus, minus, *, with_base)``.
 
-    Subclasses implement :meth:`__call__` and return two 1-D tensors shaped like ``plus`` and
-    ``minus``; the estimator then uses ``(plus - minus) / (2 mu)`` (or ``/ mu``) as usual.
+    Subclasses implement ``__call__`` and return two 1-D tensors shaped like ``plus`` and
+    ``minus``; the estimator then uses ``(plus - minus) / (2 mu)`` (or ``/ mu``) as usual. The
+    class takes no constructor parameters.
+
+    See Also
+    --------
+    StdShaping, RankShaping : the built-ins.
+    zoblackbox.RandomEstimator : takes ``fitness_shaping=`` an instance or a built-in's name.
+
+    Examples
+    --------
+    Shaping that keeps only the sign of each pair's difference:
+
+    >>> import torch
+    >>> from zoblackbox import FitnessShaping, RandomEstimator
+    >>> class SignShaping(FitnessShaping):
+    ...     name = "sign"
+    ...     def __call__(self, plus, minus, *, with_base):
+    ...         return torch.sign(plus - minus) / 2, -torch.sign(plus - minus) / 2
+    >>> SignShaping()(torch.tensor([3.0, 1.0]), torch.tensor([1.0, 2.0]), with_base=False)
+    (tensor([ 0.5000, -0.5000]), tensor([-0.5000,  0.5000]))
+    >>> RandomEstimator(q=4, antithetic=True, fitness_shaping=SignShaping()).fitness_shaping
+    SignShaping()
     """
 
     #: short name; the estimator's ``fitness_shaping`` attribute and ``repr`` show it for the built-ins
@@ -35,7 +56,22 @@ class FitnessShaping(ABC):
 
     @abstractmethod
     def __call__(self, plus: torch.Tensor, minus: torch.Tensor, *, with_base: bool):
-        """The shaped ``(plus, minus)`` losses."""
+        """Shape the paired losses.
+
+        Parameters
+        ----------
+        plus : torch.Tensor
+            1-D losses ``f(x + mu u_k)``.
+        minus : torch.Tensor
+            1-D losses ``f(x - mu u_k)``, or the base loss repeated when ``with_base``.
+        with_base : bool
+            Whether ``minus`` is the base loss repeated (forward scheme).
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            The shaped ``(plus, minus)``, shaped like the inputs.
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -61,7 +97,20 @@ class StdShaping(_Stateless, FitnessShaping):
 
     ARS V2 (Mania, Guy & Recht 2018): the step is divided by the standard deviation of the ``2b``
     rewards of the kept pairs. A zero standard deviation (all losses equal, or a single loss)
-    leaves the losses unchanged, so the estimate is zero rather than NaN.
+    leaves the losses unchanged, so the estimate is zero rather than NaN. Takes no parameters;
+    ``fitness_shaping="std"`` is this shaping.
+
+    See Also
+    --------
+    RankShaping
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import StdShaping
+    >>> plus, minus = StdShaping()(torch.tensor([2.0, 4.0]), torch.tensor([0.0, 2.0]), with_base=False)
+    >>> plus, minus
+    (tensor([1.4142, 2.8284]), tensor([0.0000, 1.4142]))
     """
 
     name = "std"
@@ -103,8 +152,21 @@ class RankShaping(_Stateless, FitnessShaping):
 
     Salimans et al. 2017 (OpenAI ES): rank ``r`` of ``m`` losses becomes ``r / (m - 1) - 0.5``, so
     the estimate depends only on the order of the losses. In the forward scheme the base loss is
-    ranked once and its rank stands for every pair.
+    ranked once and its rank stands for every pair. Takes no parameters;
+    ``fitness_shaping="rank"`` is this shaping.
+
+    See Also
+    --------
+    StdShaping
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import RankShaping
+    >>> RankShaping()(torch.tensor([10.0, 30.0]), torch.tensor([20.0, 1000.0]), with_base=False)
+    (tensor([-0.5000,  0.1667]), tensor([-0.1667,  0.5000]))
     """
+
 
     name = "rank"
 

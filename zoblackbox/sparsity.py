@@ -21,6 +21,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -200,7 +201,7 @@ def fo_grasp_scores(model: torch.nn.Module, loss_fn, inputs, targets, names=None
     params = [named[n] for n in names]
     loss = loss_fn(model(inputs), targets)
     grads = torch.autograd.grad(loss, params, create_graph=True)
-    dot = sum((g * g.detach()).sum() for g in grads)
+    dot = cast(torch.Tensor, sum((g * g.detach()).sum() for g in grads))
     hgs = torch.autograd.grad(dot, params)
     return torch.cat([-(p.detach() * hg).reshape(-1) for p, hg in zip(params, hgs)])
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from weakref import WeakKeyDictionary
 
 import torch
@@ -133,7 +134,9 @@ class Unit:
     """
 
     name: str
-    module: nn.Module
+    # an nn.Module; typed Any because the code reads the attributes of the layer its ``kind`` names
+    # (a Linear's in_features, a Conv's stride, a Residual's shortcut), which nn.Module does not declare
+    module: Any
     params: tuple[tuple[str, str], ...]
     kind: str
     stage: int
@@ -142,13 +145,14 @@ class Unit:
     def inplace(self) -> bool:
         return bool(getattr(self.module, "inplace", False))
 
-    def tensor(self, local: str, params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        """The unit's parameter ``local`` at the given values (frozen ones from the module)."""
+    def tensor(self, local: str, params: Mapping[str, torch.Tensor]) -> Any:
+        """The unit's parameter ``local`` at the given values (frozen ones from the module; a tensor, or
+        ``None`` for a module without that parameter, e.g. ``bias=False``)."""
         return params[local] if local in params else getattr(self.module, local)
 
     def __call__(self, h, params: Mapping[str, torch.Tensor]):
         """The unit's output for input ``h`` with parameters ``params`` (``local name -> tensor``)."""
-        m = self.module
+        m: Any = self.module  # a Linear, Conv or BatchNorm by ``kind``: its attributes are read below
         if self.kind == "linear":
             return F.linear(h, self.tensor("weight", params), self.tensor("bias", params))
         if self.kind == "conv":
@@ -174,7 +178,7 @@ class Unit:
             skips.append(h)
             return h
         if self.kind == "merge":
-            block = self.module
+            block: Any = self.module  # a Residual
             return block.apply_activation(h + block.apply_shortcut(skips.pop(), local), local)
         return self(h, local)
 
@@ -246,16 +250,19 @@ class Staging:
             staging, problem = _build(model, layout, groups)
             if problem:
                 raise ConfigError(f"cannot stage the StagedModel: {problem}")
+            assert staging is not None  # _build returns a staging or a problem
             return staging
         if type(model) in (nn.Sequential, Residual):
             staging, problem = _build(model, layout, _split_at_params(list(_chain(model, "")), model, layout))
             if not problem:
+                assert staging is not None
                 return staging
             reason = f"staged as one block: {problem}"
         else:
             reason = (f"{type(model).__name__} is neither nn.Sequential, Residual nor StagedModel: "
                       "staged as one block")
-        staging, _ = _build(model, layout, [("model", [("", model, None)])])
+        staging, problem = _build(model, layout, [("model", [("", model, None)])])
+        assert staging is not None, problem  # one block holds every parameter
         staging.reason = reason
         return staging
 
@@ -336,10 +343,12 @@ def _layout_ids(model: nn.Module, layout: ParamLayout) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters() if n in wanted}
 
 
-def _build(model, layout, groups) -> tuple[Staging, str]:
+def _build(model, layout, groups) -> tuple[Staging | None, str]:
     """Units and stages from ``(stage name, [(unit path, module, role), ...])`` groups; a problem or ''."""
     ids = _layout_ids(model, layout)
-    units, stages, seen = [], [], {}
+    units: list[Unit] = []
+    stages: list[Stage] = []
+    seen: dict[str, str] = {}
     for s, (stage_name, members) in enumerate(groups):
         first = len(units)
         for path, module, role in members:

@@ -39,6 +39,7 @@ import io
 import math
 import pickle
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,7 +101,7 @@ class AutoStrategy(UpdateRule):
         self.best_x, self.best_f = x.clone(), math.inf
         self.local: LBFGSRule | None = None
         self.local_scheme = ""
-        self.es = None
+        self.es: Any = None  # the pycma CMAEvolutionStrategy of the global phase
         self.restarts = 0
         self.cma_evals = 0
         self.rs = np.random.RandomState(self._seed % 2**32)  # CMA-ES's sampler: the user's global numpy RNG stays untouched

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from ._types import ArrayLike, CoordsLike, SchedulerLike
 from .errors import ConfigError
 from .estimators import CoordinateEstimator, Estimate, Estimator
 from .oracle import Oracle
@@ -43,12 +44,13 @@ BN_POLICIES = ("batch", "eval")
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
-def resolve_params(model: nn.Module, params=None) -> list[tuple[str, nn.Parameter]]:
+def resolve_params(model: nn.Module, params=None) -> list[tuple[str, torch.Tensor]]:
     """The (name, parameter) pairs an oracle optimizes: all trainable ones, or the chosen subset.
 
     ``params`` may be ``None``, an iterable of names, or an iterable of the module's parameters.
     """
     named = list(model.named_parameters())
+    chosen: list[tuple[str, torch.Tensor]]
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
     else:
@@ -75,21 +77,60 @@ def resolve_params(model: nn.Module, params=None) -> list[tuple[str, nn.Paramete
 
 
 class ModuleOracle(Oracle):
-    """``x -> loss_fn(model(inputs; params = x), targets)`` for the current batch.
+    """A torch module's loss as an oracle: ``x -> loss_fn(model(inputs; params=x), targets)``.
 
-    Args:
-        model: any ``nn.Module``.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor`` (e.g. ``nn.functional.cross_entropy``).
-        params: the parameters the vector ``x`` holds (names or parameters); default all trainable.
-        batch: optional ``(inputs, targets)``; set or change it with :meth:`set_batch`.
-        bn_policy: ``"batch"`` or ``"eval"`` (module docstring).
-        vectorize: evaluate query batches with ``vmap`` (falls back to a loop, with a warning, if
-            the model cannot be vmapped). ``"auto"`` (default) vmaps on accelerators and loops on
-            the CPU, where a plain loop of ordinary forwards measured faster for small CNNs (the
-            fast CPU paths are the schedulers in ``zoblackbox.schedule``).
-        chunk_size: queries per vectorized call (bounds memory: activations scale with
-            ``chunk_size * batch size``).
-        **kwargs: ``budget`` and ``on_failure`` as in :class:`~zoblackbox.oracle.Oracle`.
+    The flat vector ``x`` holds the chosen parameters (``layout``, a :class:`~zoblackbox.ParamLayout`);
+    queries use ``torch.func.functional_call`` on the current batch, so the module itself is never
+    perturbed in place.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any module.
+    loss_fn : callable
+        ``loss_fn(outputs, targets) -> scalar tensor`` (e.g. ``nn.functional.cross_entropy``).
+    params : iterable of str or of torch.nn.Parameter, or None, default None
+        The parameters the vector ``x`` holds (names or parameters); ``None``: all trainable ones.
+    batch : tuple or None, default None
+        ``(inputs, targets)``; set or change it with :meth:`set_batch`.
+    bn_policy : {"batch", "eval"}, default "batch"
+        BatchNorm during queries: batch statistics (``"batch"``, as in training) or the running
+        statistics (``"eval"``); see :data:`BN_POLICIES`.
+    vectorize : bool or "auto", default "auto"
+        Evaluate query batches with ``vmap`` (falls back to a loop, with a warning, if the model
+        cannot be vmapped). ``"auto"`` vmaps on accelerators and loops on the CPU, where a plain
+        loop of ordinary forwards measured faster for small CNNs (the fast CPU paths are the
+        schedulers in ``zoblackbox.schedule``).
+    chunk_size : int, default 128
+        Queries per vectorized call, ``>= 1`` (bounds memory: activations scale with
+        ``chunk_size * batch size``).
+    **kwargs
+        ``budget`` and ``on_failure`` as in :class:`~zoblackbox.Oracle`.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a module, or ``loss_fn`` is not callable.
+    ConfigError
+        An unknown ``bn_policy`` or ``vectorize``, ``chunk_size`` not an int ``>= 1``, ``params``
+        selecting nothing or naming a parameter the model does not have, or a bad ``budget`` or
+        ``on_failure``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from zoblackbox.adapters import ModuleOracle
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Linear(4, 3)
+    >>> inputs, targets = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    >>> oracle = ModuleOracle(model, F.cross_entropy, batch=(inputs, targets))
+    >>> oracle.dim, oracle.param_names
+    (15, ('weight', 'bias'))
+    >>> x = oracle.get_params()
+    >>> abs(oracle(x) - F.cross_entropy(model(inputs), targets).item()) < 1e-6
+    True
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, params: Iterable | None = None, *,
@@ -129,7 +170,7 @@ class ModuleOracle(Oracle):
         """The current ``(inputs, targets)``, or ``None`` before :meth:`set_batch`."""
         return self._batch
 
-    def set_batch(self, inputs, targets) -> None:
+    def set_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """The data batch the loss is computed on (moved to the parameters' device)."""
         self._batch = (_to(inputs, self.device), _to(targets, self.device))
 
@@ -138,7 +179,7 @@ class ModuleOracle(Oracle):
         named = dict(self.model.named_parameters())
         return self.layout.flatten({n: named[n] for n in self.layout.names})
 
-    def set_params(self, x) -> None:
+    def set_params(self, x: ArrayLike) -> None:
         """Copy the flat vector ``x`` into the module's parameters."""
         named = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -155,6 +196,8 @@ class ModuleOracle(Oracle):
         super().reserve(n)
 
     def _evaluate_batch(self, X: torch.Tensor) -> torch.Tensor:
+        if self._batch is None:  # reserve() refuses this before a query; a direct call gets the same error
+            raise ConfigError("ModuleOracle has no data batch; call set_batch(inputs, targets) first")
         inputs, targets = self._batch
         with self.query_mode():
             if self.vectorize:
@@ -173,7 +216,7 @@ class ModuleOracle(Oracle):
         return fn(batched)
 
     @contextlib.contextmanager
-    def query_mode(self):
+    def query_mode(self) -> Iterator[None]:
         """Modules in query mode: dropout off; BatchNorm per ``bn_policy``, running stats untouched."""
         modes = {m: m.training for m in self.model.modules()}
         tracking = {}
@@ -195,7 +238,7 @@ class ModuleOracle(Oracle):
     def has_batchnorm(self) -> bool:
         return any(isinstance(m, _BN_TYPES) for m in self.model.modules())
 
-    def update_bn_stats(self, x=None) -> None:
+    def update_bn_stats(self, x: torch.Tensor | None = None) -> None:
         """One training-mode forward at ``x`` (default: the module's values) to update BatchNorm
         running statistics; a no-op for models without BatchNorm or with ``bn_policy="eval"``."""
         if self.bn_policy != "batch" or not self.has_batchnorm() or self._batch is None:
@@ -219,27 +262,60 @@ class ZOGradient:
     """Fill ``p.grad`` of a module's parameters with a zeroth-order estimate.
 
     The ZO counterpart of ``loss.backward()``: the model is queried as a black box through a
-    :class:`ModuleOracle` (``functional_call``, never an in-place perturbation), and the estimate is *accumulated* into ``p.grad`` as autograd would, so any
-    ``torch.optim`` optimizer, gradient clipping and LR scheduler work unchanged::
+    :class:`~zoblackbox.adapters.ModuleOracle` (``functional_call``, never an in-place perturbation), and the estimate is *accumulated* into ``p.grad`` as autograd would, so any
+    ``torch.optim`` optimizer, gradient clipping and LR scheduler work unchanged.
 
-        zo = ZOGradient(model, F.cross_entropy, estimator=CoordinateEstimator())
-        for inputs, targets in loader:
-            optimizer.zero_grad()
-            loss = zo.backward(inputs, targets)
-            optimizer.step()
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The module.
+    loss_fn : callable
+        ``loss_fn(outputs, targets) -> scalar tensor``.
+    estimator : Estimator or None, default None
+        The gradient estimator (``None``: ``CoordinateEstimator()``).
+    params : iterable of str or of torch.nn.Parameter, or None, default None
+        Parameter names or parameters to estimate (``None``: all trainable).
+    bn_policy : {"batch", "eval"}, default "batch"
+        BatchNorm handling during queries.
+    scheduler : zoblackbox.schedule.Scheduler or None, default None
+        Evaluates query plans (``zoblackbox.schedule``); default: the oracle itself.
+    **oracle_kwargs
+        Passed to the :class:`~zoblackbox.adapters.ModuleOracle` (``chunk_size``, ``budget``,
+        ``on_failure``, ``vectorize``).
 
-    Args:
-        model: the module.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
-        estimator: default ``CoordinateEstimator()``.
-        params: parameter names or parameters to estimate (default: all trainable).
-        bn_policy: BatchNorm handling during queries (``"batch"`` or ``"eval"``).
-        scheduler: evaluates query plans (``zoblackbox.schedule``); default the oracle itself.
-        **oracle_kwargs: passed to the ``ModuleOracle`` (``chunk_size``, ``budget``, ``on_failure``...).
+    Raises
+    ------
+    TypeError
+        ``estimator`` is not an :class:`Estimator`, or as :class:`~zoblackbox.adapters.ModuleOracle`.
+    ConfigError
+        As :class:`~zoblackbox.adapters.ModuleOracle` (``bn_policy``, ``params``, ``budget``...).
+
+    Examples
+    --------
+    One ZO step of a torch optimizer on a small regression:
+
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from zoblackbox import RandomEstimator, ZOGradient
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Linear(3, 1)
+    >>> inputs = torch.randn(32, 3)
+    >>> targets = inputs @ torch.tensor([[1.0], [-2.0], [0.5]])
+    >>> zo = ZOGradient(model, F.mse_loss, estimator=RandomEstimator(q=8, seed=0))
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    >>> losses = []
+    >>> for _ in range(60):
+    ...     optimizer.zero_grad()
+    ...     losses.append(zo.backward(inputs, targets))
+    ...     optimizer.step()
+    >>> zo.nfev, bool(losses[-1] < 0.5 * losses[0])
+    (540, True)
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, *, estimator: Estimator | None = None,
-                 params: Iterable | None = None, bn_policy: str = "batch", scheduler=None, **oracle_kwargs):
+                 params: Iterable | None = None, bn_policy: str = "batch", scheduler: SchedulerLike | None = None,
+                 **oracle_kwargs):
         self.estimator = CoordinateEstimator() if estimator is None else estimator
         if not isinstance(self.estimator, Estimator):
             raise TypeError(f"estimator must be a zoblackbox Estimator, got {self.estimator!r}")
@@ -253,9 +329,24 @@ class ZOGradient:
         """Queries spent so far (all batches)."""
         return self.oracle.nfev
 
-    def backward(self, inputs, targets, coords=None) -> float | None:
-        """Estimate the gradient on this batch, accumulate it into ``p.grad``; returns the loss
-        at the current parameters (``None`` for schemes that do not query it)."""
+    def backward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                 coords: CoordsLike | None = None) -> float | None:
+        """Estimate the gradient on this batch and accumulate it into ``p.grad``.
+
+        Parameters
+        ----------
+        inputs : torch.Tensor
+            The batch's inputs.
+        targets : torch.Tensor
+            The batch's targets.
+        coords : array_like or None, default None
+            Coordinates of the flat parameter vector to estimate (``None``: all).
+
+        Returns
+        -------
+        float or None
+            The loss at the current parameters (``None`` for schemes that do not query it).
+        """
         self.oracle.set_batch(inputs, targets)
         x = self.oracle.get_params()
         est = self.estimator.estimate(self.oracle, x, coords=coords, scheduler=self.scheduler)

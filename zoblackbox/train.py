@@ -27,13 +27,15 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._types import SchedulerLike
 from .checkpoint import check_int, check_rng_state, field_error
 from .engine import AskTell
 from .errors import CheckpointError, ConfigError, OracleError
@@ -45,6 +47,10 @@ from .result import ZOResult
 from .schedules import Constant, WarmupCosine
 from .sparsity import SparseSchedule
 from .trainer_parts import HOOKS, EpochProgress, FailureLog, MaskRedraw, MetricsLog, TrainerCheckpoints, check_parts
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
 
 __all__ = ["Trainer", "warmup_cosine"]
 
@@ -64,56 +70,121 @@ def warmup_cosine(total_steps: int, warmup_steps: int = 0, final_fraction: float
 
 
 class Trainer:
-    """Epoch-based training with a ZO (or FO) gradient.
+    """Epoch-based training of a torch model with a ZO (or, for reference, FO) gradient.
 
-    Args:
-        model: the module to train (moved to ``device``).
-        train_loader: yields ``(inputs, targets)``; its ``generator`` (if any) is checkpointed so a
-            resumed run sees the same shuffles.
-        test_loader: optional, evaluated after every epoch.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar`` (default cross-entropy).
-        method: ``"zo"`` (zeroth-order, default) or ``"fo"`` (autograd reference).
-        estimator: ZO estimator (default ``CoordinateEstimator()``).
-        optimizer: a name (``sgd``, ``adam``, ``adamw``, ``signsgd``) or a ``torch.optim`` class.
-        lr: peak learning rate.
-        optimizer_kwargs: e.g. ``{"momentum": 0.9, "weight_decay": 5e-4}``.
-        lr_schedule: ``"cosine"`` (warm-up then cosine decay, per step) or ``"constant"``.
-        warmup_steps: linear warm-up length (steps).
-        epochs: number of epochs.
-        budget: maximum ZO queries; training stops cleanly before a step would exceed it.
-        bn_policy: BatchNorm handling during ZO queries (``"batch"`` or ``"eval"``).
-        scheduler: query scheduler for the ZO estimates (``zoblackbox.schedule``).
-        device: ``"cpu"``, ``"cuda"``, ...
-        output_dir: where ``metrics.jsonl`` and checkpoints go (``None``: nothing written).
-        checkpoint_every: epochs between checkpoints (needs ``output_dir``).
-        checkpoint_every_steps: also write a checkpoint every this many optimizer steps, in the
-            middle of epochs (``None``: only at epoch ends). A run killed at any moment resumes
-            from the last one and ends with the same parameters, bitwise, as an uninterrupted run
-            (on the same device and torch build); the batches of the interrupted epoch that were
-            already used are replayed from the loader (read, not trained on) to restore its order.
-        progress: show tqdm progress bars.
-        oracle_kwargs: extra arguments of the :class:`~zoblackbox.torch_module.ModuleOracle`
-            (``on_failure``, ``chunk_size``, ...).
-        sparse: a :class:`~zoblackbox.sparsity.SparseSchedule`: each step estimates (ZO) or keeps
-            (FO, sparse-gradient reference) only the coordinates of the current mask, redrawn
-            every ``interval`` epochs or steps; the model stays dense.
-        parts: extra pieces around the loop (:mod:`zoblackbox.trainer_parts`: hooks called before
-            and after every step, at epoch ends...; a part with a ``state_key`` is checkpointed).
-            They run after the built-in ones and before the checkpoints.
+    A driver of :class:`AskTell`: each step sets the batch on the model's oracle and runs one
+    engine iteration (``method="zo"``), or hands the engine the autograd gradient
+    (``method="fo"``). :meth:`fit` trains; checkpoints (with ``output_dir``) resume bitwise exactly.
 
-    Attributes:
-        parts: every attached part, in the order their hooks run: :attr:`mask`
-            (:class:`~zoblackbox.trainer_parts.MaskRedraw`, with ``sparse``), the progress bar, the
-            failure log (ZO), the metrics log (with ``output_dir``), ``parts``, and
-            :attr:`checkpoints` (:class:`~zoblackbox.trainer_parts.TrainerCheckpoints`, with
-            ``output_dir``).
-        epoch, global_step, batch_in_epoch: the loop's position; history: the epoch records.
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The module to train (moved to ``device``).
+    train_loader : torch.utils.data.DataLoader
+        Yields ``(inputs, targets)`` and has a length of at least 1; its ``generator`` (if any) is
+        checkpointed so a resumed run sees the same shuffles.
+    test_loader : torch.utils.data.DataLoader or None, default None
+        Evaluated after every epoch.
+    loss_fn : callable, default torch.nn.functional.cross_entropy
+        ``loss_fn(outputs, targets) -> scalar tensor``.
+    method : {"zo", "fo"}, default "zo"
+        Zeroth-order, or the autograd reference.
+    estimator : Estimator or None, default None
+        ZO estimator (``None``: ``CoordinateEstimator()``).
+    optimizer : str or type, default "adam"
+        A name (``"sgd"``, ``"adam"``, ``"adamw"``, ``"signsgd"``) or a ``torch.optim`` class.
+    lr : float, default 1e-3
+        Peak learning rate, positive and finite.
+    optimizer_kwargs : dict or None, default None
+        E.g. ``{"momentum": 0.9, "weight_decay": 5e-4}``.
+    lr_schedule : {"cosine", "constant"}, default "cosine"
+        Warm-up then cosine decay per step (:class:`WarmupCosine`), or :class:`Constant`.
+    warmup_steps : int, default 0
+        Linear warm-up length in steps, ``>= 0``.
+    epochs : int, default 10
+        Number of epochs, ``>= 1``.
+    budget : int or None, default None
+        Maximum ZO queries, ``>= 1``; training stops cleanly before a step would exceed it.
+    bn_policy : {"batch", "eval"}, default "batch"
+        BatchNorm handling during ZO queries.
+    scheduler : zoblackbox.schedule.Scheduler or None, default None
+        Query scheduler for the ZO estimates (``zoblackbox.schedule``).
+    device : str or torch.device, default "cpu"
+        ``"cpu"``, ``"cuda"``, ...
+    output_dir : str or pathlib.Path or None, default None
+        Where ``metrics.jsonl``, ``failures.jsonl`` and checkpoints go (``None``: nothing written).
+    checkpoint_every : int, default 1
+        Epochs between checkpoints, ``>= 1`` (needs ``output_dir``).
+    progress : bool, default True
+        Show tqdm progress bars.
+    oracle_kwargs : dict or None, default None
+        Extra arguments of the :class:`~zoblackbox.adapters.ModuleOracle` (``on_failure``,
+        ``chunk_size``, ...).
+    sparse : zoblackbox.sparsity.SparseSchedule or None, default None
+        Each step estimates (ZO) or keeps (FO, sparse-gradient reference) only the coordinates of
+        the current mask, redrawn every ``interval`` epochs or steps; the model stays dense.
+    checkpoint_every_steps : int or None, default None
+        Also write a checkpoint every this many optimizer steps, ``>= 1``, in the middle of epochs
+        (``None``: only at epoch ends). A run killed at any moment resumes from the last one and
+        ends with the same parameters, bitwise, as an uninterrupted run (on the same device and
+        torch build).
+    parts : sequence or None, default None
+        Extra pieces around the loop (``zoblackbox.trainer_parts``: hooks called before and after
+        every step, at epoch ends...; a part with a ``state_key`` is checkpointed). They run after
+        the built-in ones and before the checkpoints.
+
+    Attributes
+    ----------
+    parts : list
+        Every attached part, in the order their hooks run: the sparse-mask redraw (with
+        ``sparse``), the progress bar, the failure log (ZO), the metrics log (with
+        ``output_dir``), the user's ``parts``, and the checkpoints (with ``output_dir``).
+    epoch : int
+        Epochs finished.
+    global_step : int
+        Optimizer steps taken.
+    history : list of dict
+        The epoch records.
+
+    Raises
+    ------
+    ConfigError
+        An unknown ``method``, ``lr_schedule`` or ``bn_policy``; ``epochs``, ``warmup_steps``,
+        ``checkpoint_every``, ``checkpoint_every_steps`` or ``budget`` out of range; a
+        ``train_loader`` without a length or without batches; a device torch cannot use; a bad
+        ``lr`` or optimizer setting.
+    TypeError
+        ``estimator`` not an :class:`Estimator`, ``model`` not a module, ``loss_fn`` not callable.
+
+    Examples
+    --------
+    Three epochs of ZO training (RGE with Adam) of a small MLP on the bundled digits:
+
+    >>> import torch
+    >>> from zoblackbox import RandomEstimator, Trainer
+    >>> from zoblackbox.data import load_digits_split, make_loader
+    >>> from zoblackbox.models import digits_mlp
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> split = load_digits_split()
+    >>> train = make_loader(split.x_train, split.y_train, 64, shuffle=True)
+    >>> test = make_loader(split.x_test, split.y_test, 256, shuffle=False)
+    >>> trainer = Trainer(digits_mlp(hidden=16), train, test, estimator=RandomEstimator(q=10, seed=0),
+    ...                   lr=3e-2, epochs=3, progress=False)
+    >>> result = trainer.fit()
+    >>> result["epochs"], result["steps"], result["queries"]
+    (3, 69, 759)
+    >>> bool(result["test_acc"] > 0.3)
+    True
     """
 
-    def __init__(self, model: nn.Module, train_loader, test_loader=None, *, loss_fn: Callable = F.cross_entropy,
-                 method: str = "zo", estimator: Estimator | None = None, optimizer="adam", lr: float = 1e-3,
+    def __init__(self, model: nn.Module, train_loader: DataLoader, test_loader: DataLoader | None = None, *,
+                 loss_fn: Callable = F.cross_entropy,
+                 method: str = "zo", estimator: Estimator | None = None,
+                 optimizer: str | type[torch.optim.Optimizer] = "adam", lr: float = 1e-3,
                  optimizer_kwargs: dict | None = None, lr_schedule: str = "cosine", warmup_steps: int = 0,
-                 epochs: int = 10, budget: int | None = None, bn_policy: str = "batch", scheduler=None,
+                 epochs: int = 10, budget: int | None = None, bn_policy: str = "batch",
+                 scheduler: SchedulerLike | None = None,
                  device: str | torch.device = "cpu", output_dir: str | Path | None = None,
                  checkpoint_every: int = 1, progress: bool = True, oracle_kwargs: dict | None = None,
                  sparse: SparseSchedule | None = None, checkpoint_every_steps: int | None = None,
@@ -191,7 +262,7 @@ class Trainer:
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         """The engine's ``torch.optim`` optimizer (over the flat parameter vector)."""
-        return self.engine.rule.opt
+        return self.engine.rule.opt  # type: ignore[attr-defined]  # the Trainer's rule is first-order
 
     @property
     def lr_schedule(self):
@@ -219,7 +290,7 @@ class Trainer:
         return self._wall_offset if self._t0 is None else time.perf_counter() - self._t0
 
     @torch.no_grad()
-    def evaluate(self, loader) -> dict:
+    def evaluate(self, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
         """Mean loss and accuracy over a loader (a white-box metric, not counted as queries)."""
         was_training = self.model.training
         self.model.eval()
@@ -237,7 +308,7 @@ class Trainer:
         return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
 
     def flat_params(self) -> torch.Tensor:
-        """The trainable parameters as one flat vector (in :attr:`layout` order)."""
+        """The trainable parameters as one flat vector (in ``layout`` order)."""
         named = dict(self.model.named_parameters())
         return self.layout.flatten({n: named[n] for n in self.layout.names})
 
@@ -273,7 +344,7 @@ class Trainer:
         finally:
             self._wall_offset, self._t0 = self.elapsed, None
 
-    def _fit(self) -> dict:
+    def _fit(self) -> ZOResult:
         stop_reason = "completed"
         self.model.train()
         self._emit("on_fit_start")
@@ -374,7 +445,7 @@ class Trainer:
             loss_t.backward()
             loss = float(loss_t.detach())
             named = dict(self.model.named_parameters())
-            grad = self.layout.flatten({n: named[n].grad if named[n].grad is not None else torch.zeros_like(named[n])
+            grad = self.layout.flatten({n: g if (g := named[n].grad) is not None else torch.zeros_like(named[n])
                                         for n in self.layout.names})
             if self.mask is not None:
                 grad = self.mask.mask_gradient(grad)

@@ -156,7 +156,8 @@ class MaskRedraw(TrainerPart):
         """The coordinates an update may not change (``freeze_inactive``), else ``None``."""
         if self._coords is None or not self.schedule.freeze_inactive:
             return None
-        return ~self.active
+        active = self.active
+        return None if active is None else ~active
 
     def due(self, epoch: int, global_step: int, epoch_start: bool) -> bool:
         """Whether the step about to run draws a new mask."""
@@ -167,9 +168,10 @@ class MaskRedraw(TrainerPart):
 
     def redraw(self, x: torch.Tensor | None, counter: int) -> torch.Tensor:
         """Draw a new mask (at ``x``, for magnitude masks) and remember the counter it was drawn at."""
-        self.coords = self.schedule.sampler.sample(x).to(self.device)
+        coords = self.schedule.sampler.sample(x).to(self.device)
+        self.coords = coords
         self.drawn_at = counter
-        return self._coords
+        return coords
 
     def before_step(self, trainer) -> None:
         if self.due(trainer.epoch, trainer.global_step, trainer.batch_in_epoch == 0):
@@ -180,8 +182,9 @@ class MaskRedraw(TrainerPart):
 
     def mask_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         """Zero the inactive coordinates of a flat gradient, in place (the FO sparse reference)."""
-        if self._coords is not None:
-            grad.mul_(self.active.to(grad.dtype))
+        active = self.active
+        if active is not None:
+            grad.mul_(active.to(grad.dtype))
         return grad
 
     def state_dict(self) -> dict:

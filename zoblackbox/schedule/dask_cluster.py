@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,7 @@ def _dask_task(blob: OracleBlob, source, timeout, unit_id: str, topic: str | Non
     """Worker side: evaluate one shard with the worker's copy of the oracle."""
     set_compute_threads(compute_threads)
     oracle = load_oracle(blob.token, blob.data)  # unpickled once per worker process and token
+    assert oracle is not None  # the blob carries the bytes: it always loads
     report = None
     if topic is not None:
         worker = distributed.get_worker()
@@ -73,25 +75,65 @@ class DaskScheduler(ShardedScheduler):
     By default a :class:`distributed.LocalCluster` of ``n_workers`` single-threaded worker
     processes is started on 127.0.0.1 (no dashboard). To use several machines, start
     ``dask scheduler`` and ``dask worker`` there and pass the scheduler's ``address`` (see
-    ``docs/distributed.md``; use ``security=`` for TLS on untrusted networks).
+    ``docs/distributed.md``; use ``security=`` for TLS on untrusted networks). Needs the
+    ``distributed`` extra (``MissingDependencyError`` otherwise, on first use of the name).
 
-    Args:
-        address: address of a running Dask scheduler (e.g. ``"tls://10.0.0.5:8786"``).
-        client: an existing :class:`distributed.Client` to use instead (not closed by :meth:`close`).
-        n_workers: worker processes of the local cluster (default ``os.cpu_count()``).
-        timeout: per-query limit in seconds (``None``: no limit). A query that exceeds it is a
-            failed query of kind ``"timeout"``; a query that does not return gets its worker
-            restarted by its nanny and the rest of its shard is re-run elsewhere.
-        security: a :class:`distributed.security.Security` (TLS certificates) for ``address``
-            or the local cluster.
-        shards_per_worker: shards per worker thread and step.
-        compute_threads: torch/OpenMP/BLAS threads per local worker process.
-        start_timeout: seconds allowed to connect, start workers and ship the oracle.
-        restart_timeout: seconds allowed to restart a worker that hangs.
+    Parameters
+    ----------
+    address : str or None, default None
+        Address of a running Dask scheduler (e.g. ``"tls://10.0.0.5:8786"``).
+    client : distributed.Client or None, default None
+        An existing client to use instead (not closed by :meth:`close`).
+    n_workers : int or None, default None
+        Worker processes of the local cluster, ``>= 1`` (``None``: ``os.cpu_count()``).
+    timeout : float or None, default None
+        Per-query limit in seconds, positive (``None``: no limit). A query that exceeds it is a
+        failed query of kind ``"timeout"``; a query that does not return gets its worker restarted
+        by its nanny and the rest of its shard is re-run elsewhere.
+    security : distributed.security.Security or None, default None
+        TLS certificates for ``address`` or the local cluster.
+    shards_per_worker : int, default 1
+        Shards per worker thread and step, ``>= 1``.
+    compute_threads : int, default 1
+        torch/OpenMP/BLAS threads per local worker process, ``>= 1``.
+    start_timeout : float, default 120.0
+        Seconds allowed to connect, start workers and ship the oracle, ``> 0``.
+    restart_timeout : float, default 60.0
+        Seconds allowed to restart a worker that hangs, ``> 0``.
+
+    Raises
+    ------
+    ConfigError
+        Both ``address`` and ``client``; ``n_workers`` with a remote cluster; a count or timeout
+        out of range.
+    TypeError
+        ``address`` not a string, ``client`` not a ``distributed.Client``.
+
+    See Also
+    --------
+    ProcessPoolScheduler : the same on this machine's processes, without Dask.
+
+    Examples
+    --------
+    Arguments are checked before any cluster is started or contacted:
+
+    >>> from zoblackbox import ConfigError
+    >>> from zoblackbox.schedule import DaskScheduler
+    >>> try:
+    ...     DaskScheduler("tcp://10.0.0.5:8786", n_workers=4)
+    ... except ConfigError as err:
+    ...     print(err)
+    n_workers applies to the local cluster only; the cluster at address/client has the workers it was started with
+
+    A local cluster of two workers (not run here: starting Dask takes several seconds)::
+
+        with DaskScheduler(n_workers=2, timeout=60) as cluster:
+            res = minimize(oracle, x0, budget=2_000, scheduler=cluster)
     """
 
-    def __init__(self, address: str | None = None, *, client=None, n_workers: int | None = None,
-                 timeout: float | None = None, security=None, shards_per_worker: int = 1,
+    def __init__(self, address: str | None = None, *, client: distributed.Client | None = None,
+                 n_workers: int | None = None, timeout: float | None = None,
+                 security: distributed.security.Security | None = None, shards_per_worker: int = 1,
                  compute_threads: int = 1, start_timeout: float = 120.0, restart_timeout: float = 60.0):
         super().__init__(timeout=timeout, shards_per_worker=shards_per_worker, compute_threads=compute_threads,
                          start_timeout=start_timeout)
@@ -109,12 +151,12 @@ class DaskScheduler(ShardedScheduler):
             raise ConfigError(f"restart_timeout must be a positive number of seconds, got {restart_timeout!r}")
         self.restart_timeout = float(restart_timeout)
         self._closed = False
-        self._cluster = None
-        self.client = None
+        self._cluster: Any = None  # distributed.LocalCluster (distributed is untyped)
+        self.client: Any = None  # distributed.Client
         self._owns_client = client is None
         self._topic: str | None = None
         self._blob: OracleBlob | None = None
-        self._blob_future = None
+        self._blob_future: Any = None  # distributed.Future of the scattered oracle
         self._progress: dict[str, tuple[int, str, float]] = {}
         self._progress_lock = threading.Lock()
         if client is not None:
@@ -211,6 +253,7 @@ class DaskScheduler(ShardedScheduler):
                         if reships > 3:
                             raise ZOError(f"the oracle was lost from the Dask cluster {reships} times in one "
                                           "step: every worker holding it died")
+                        assert self._blob is not None  # shipped before the first submit
                         blob_future = self._ship(self._blob)
                         pending.append(unit)
                     elif exc is None:  # cancelled by the cluster (lost dependencies): run it again
@@ -260,6 +303,7 @@ class DaskScheduler(ShardedScheduler):
         if seen is None:
             return False
         j, address, since = seen
+        assert self.timeout is not None  # only called with a timeout
         if now - since <= self.timeout + self.hang_grace:
             return False
         future.cancel()

@@ -47,7 +47,7 @@ import traceback
 import weakref
 from abc import abstractmethod
 from collections import Counter, deque
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -67,7 +67,26 @@ __all__ = ["ProcessPoolScheduler", "RemoteQueryError", "UnpicklableOracleError",
 
 # ---------------------------------------------------------------------------------------- errors
 class UnpicklableOracleError(ZOError, TypeError):
-    """The oracle cannot be serialized for worker processes (raised before any query is spent)."""
+    """The oracle cannot be serialized for worker processes (raised before any query is spent).
+
+    The message names the attribute that does not pickle. Also a :class:`TypeError`.
+
+    Examples
+    --------
+    >>> import threading, torch
+    >>> from zoblackbox import FunctionOracle, QueryPlan
+    >>> from zoblackbox.schedule import ProcessPoolScheduler, UnpicklableOracleError
+    >>> lock = threading.Lock()
+    >>> oracle = FunctionOracle(lambda x: float(lock.locked()), dim=2)
+    >>> with ProcessPoolScheduler(n_workers=1) as pool:
+    ...     try:
+    ...         pool.run(oracle, QueryPlan(torch.zeros(2), coords=[0], offsets=[0.1]))
+    ...     except UnpicklableOracleError as err:
+    ...         print(str(err)[:74])
+    FunctionOracle cannot be sent to worker processes: oracle.fn (function) is
+    >>> oracle.nfev
+    0
+    """
 
 
 class RemoteQueryError(ZOError):
@@ -75,11 +94,36 @@ class RemoteQueryError(ZOError):
 
     The rebuilt exception's class has the original class name and derives from the nearest
     built-in exception of the original (``ValueError``, ``TimeoutError``, ...), so messages and
-    ``isinstance`` checks read as if the query had run locally.
+    ``isinstance`` checks read as if the query had run locally. Built-in exceptions and
+    zoblackbox's own come back as themselves.
 
-    Attributes:
-        remote_type: the original exception's ``module.qualname``.
-        remote_traceback: the traceback text from the worker.
+    Attributes
+    ----------
+    remote_type : str
+        The original exception's ``module.qualname``.
+    remote_traceback : str
+        The traceback text from the worker.
+
+    Examples
+    --------
+    A query that raises an exception class of the user's own, in a worker process:
+
+    >>> import torch
+    >>> from zoblackbox import FunctionOracle, OracleError, QueryPlan
+    >>> from zoblackbox.schedule import ProcessPoolScheduler, RemoteQueryError
+    >>> class SolverDiverged(ValueError):
+    ...     pass
+    >>> def simulate(x):
+    ...     raise SolverDiverged("dt too large")
+    >>> with ProcessPoolScheduler(n_workers=1) as pool:
+    ...     try:
+    ...         pool.run(FunctionOracle(simulate, dim=2), QueryPlan(torch.zeros(2), coords=[0], offsets=[0.1]))
+    ...     except OracleError as err:
+    ...         cause = err.__cause__
+    >>> type(cause).__name__, isinstance(cause, RemoteQueryError), isinstance(cause, ValueError)
+    ('SolverDiverged', True, True)
+    >>> str(cause)
+    'dt too large'
     """
 
     remote_type: str = ""
@@ -95,7 +139,20 @@ class RemoteQueryError(ZOError):
 
 
 class WorkerCrashError(ZOError):
-    """A worker process died while evaluating a query, on every allowed attempt."""
+    """A worker process died while evaluating a query, on every allowed attempt.
+
+    It is a failed query of kind ``"exception"`` under the oracle's failure policy: under
+    ``"raise"`` the :class:`~zoblackbox.OracleError`'s cause, otherwise recorded in the oracle's
+    ``failures`` (the run goes on with the rest of the plan). The dead worker is replaced.
+
+    Examples
+    --------
+    >>> from zoblackbox import ZOError
+    >>> from zoblackbox.schedule import WorkerCrashError
+    >>> err = WorkerCrashError("the worker process died while evaluating this query (2 attempts)")
+    >>> isinstance(err, ZOError), str(err)
+    (True, 'the worker process died while evaluating this query (2 attempts)')
+    """
 
 
 # ---------------------------------------------------------------------------------------- oracle
@@ -211,7 +268,7 @@ class Unit:
     """A shard in flight: plan indices ``start .. start + len(source) - 1``."""
 
     start: int
-    source: object  # QueryPlan or tensor of points
+    source: QueryPlan | torch.Tensor  # a plan's queries or a tensor of points
 
     def __len__(self) -> int:
         return len(self.source)
@@ -264,7 +321,7 @@ class ErrorInfo:
             return _rebuild_remote_error(self.name, f"{self.module}.{self.qualname}", self.builtin_base,
                                          self.message, self.traceback)
         if self.traceback:
-            exc.remote_traceback = self.traceback
+            exc.remote_traceback = self.traceback  # type: ignore[attr-defined]  # kept for the user
         return exc
 
     def _native(self) -> BaseException | None:
@@ -294,7 +351,7 @@ def _rebuild_remote_error(name: str, remote_type: str, builtin_base: str | None,
     cls = _REMOTE_CLASSES.get(key)
     if cls is None:
         base = getattr(builtins, builtin_base or "", None)
-        bases = (RemoteQueryError,)
+        bases: tuple[type, ...] = (RemoteQueryError,)
         if isinstance(base, type) and issubclass(base, Exception) and base is not Exception:
             bases = (RemoteQueryError, base)
         try:
@@ -397,6 +454,7 @@ def evaluate_source(oracle: Oracle, source, timeout: float | None, on_query=None
             with _alarm(timeout):
                 raw = oracle.raw_evaluate(x[None])
         except _AlarmInterrupt:
+            assert timeout is not None  # the alarm is set only with a timeout
             errors.append((j, ErrorInfo.timeout(timeout)))
             continue
         except Exception as exc:  # noqa: BLE001 - raw_evaluate itself failed: the step must stop
@@ -537,6 +595,7 @@ def _init_pool_worker(progress_path: str, compute_threads: int) -> None:
 
 def _pool_task(task_id: int, token: str, data: bytes | None, source, timeout: float | None):
     progress = _WorkerState.progress
+    assert progress is not None  # set by _init_pool_worker
     progress.write(task_id, -1)
     oracle = load_oracle(token, data)
     if oracle is None:
@@ -548,7 +607,7 @@ def _pool_task(task_id: int, token: str, data: bytes | None, source, timeout: fl
 class _Task:
     unit: Unit
     task_id: int
-    future: object
+    future: Future
     seen: tuple = ()  # last (started, query) read from the progress record
     seen_at: float = 0.0
 
@@ -561,7 +620,7 @@ class _Slot:
         self.directory = directory
         self.compute_threads = compute_threads
         self.generation = 0
-        self.executor = None
+        self.executor: ProcessPoolExecutor | None = None
         self.progress: _ProgressRecord | None = None
         self.progress_path: str | None = None
         self.token: str | None = None  # oracle the current worker process holds
@@ -583,20 +642,22 @@ class _Slot:
                                                 initargs=(path, self.compute_threads),
                                                 env=compute_env(self.compute_threads))
         data = None if self.token == blob.token else blob.data
+        assert self.executor is not None
         future = self.executor.submit(_pool_task, task_id, blob.token, data, unit.source, timeout)
         self.task = _Task(unit, task_id, future, seen_at=time.monotonic())
         return self.task
 
     def restart(self) -> None:
         """Kill the worker process (and its children); a new one starts on the next submit."""
-        executor, progress = self.executor, self.progress
+        executor, progress, path = self.executor, self.progress, self.progress_path
         self.executor, self.progress, self.token, self.task = None, None, None, None
         if executor is not None:
             executor.shutdown(wait=False, kill_workers=True)
         if progress is not None:
             progress.close()
-            with contextlib.suppress(OSError):
-                os.remove(self.progress_path)
+            if path is not None:  # set with progress
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
 
 def _shutdown_slots(slots: list[_Slot], directory: str | None) -> None:
@@ -614,21 +675,46 @@ class ProcessPoolScheduler(ShardedScheduler):
     programs). Losses, query counts and failure handling are the same as with
     :class:`~zoblackbox.schedule.SerialScheduler`; see ``docs/distributed.md``.
 
-    Args:
-        n_workers: worker processes (default: ``os.cpu_count()``). They start on the first
-            :meth:`run` and live until :meth:`close`.
-        timeout: per-query limit in seconds (``None``: no limit). A query that exceeds it is a
-            failed query of kind ``"timeout"`` under the oracle's failure policy; a query that does
-            not return is interrupted (SIGALRM, POSIX) or its worker process is killed and replaced.
-        shards_per_worker: shards per worker and step; more than 1 balances queries of uneven cost.
-        compute_threads: torch/OpenMP/BLAS threads per worker (1 avoids oversubscribing cores).
-        crash_retries: how many times a query whose worker process died is re-run on a fresh
-            worker before it is reported as a :class:`WorkerCrashError` failure.
-        start_timeout: seconds a worker may take to start and load the oracle.
+    Parameters
+    ----------
+    n_workers : int or None, default None
+        Worker processes, ``>= 1`` (``None``: ``os.cpu_count()``). They start on the first
+        :meth:`~zoblackbox.schedule.Scheduler.run` and live until :meth:`close`.
+    timeout : float or None, default None
+        Per-query limit in seconds, positive and finite (``None``: no limit). A query that exceeds
+        it is a failed query of kind ``"timeout"`` under the oracle's failure policy; a query that
+        does not return is interrupted (SIGALRM, POSIX) or its worker process is killed and
+        replaced.
+    shards_per_worker : int, default 1
+        Shards per worker and step, ``>= 1``; more than 1 balances queries of uneven cost.
+    compute_threads : int, default 1
+        torch/OpenMP/BLAS threads per worker, ``>= 1`` (1 avoids oversubscribing cores).
+    crash_retries : int, default 1
+        How many times (``>= 0``) a query whose worker process died is re-run on a fresh worker
+        before it is reported as a :class:`WorkerCrashError` failure.
+    start_timeout : float, default 120.0
+        Seconds a worker may take to start and load the oracle, ``> 0``.
 
-    Example:
-        >>> with ProcessPoolScheduler(n_workers=4, timeout=60) as pool:  # doctest: +SKIP
-        ...     est = CoordinateEstimator().estimate(oracle, x, scheduler=pool)
+    Raises
+    ------
+    ConfigError
+        A count not an int ``>= 1`` (``crash_retries``: ``>= 0``), or a timeout that is not a
+        positive number.
+
+    See Also
+    --------
+    DaskScheduler : the same over a Dask cluster.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import CoordinateEstimator, FunctionOracle
+    >>> from zoblackbox.schedule import ProcessPoolScheduler
+    >>> oracle = FunctionOracle(lambda x: float((x ** 2).sum()), dim=4, dtype=torch.float64)
+    >>> with ProcessPoolScheduler(n_workers=2, timeout=60) as pool:
+    ...     est = CoordinateEstimator(mu=1e-4, scheme="central").estimate(oracle, torch.ones(4), scheduler=pool)
+    >>> est.grad.round(decimals=6), oracle.nfev
+    (tensor([2., 2., 2., 2.], dtype=torch.float64), 8)
     """
 
     def __init__(self, n_workers: int | None = None, *, timeout: float | None = None, shards_per_worker: int = 1,
@@ -645,7 +731,7 @@ class ProcessPoolScheduler(ShardedScheduler):
         self._directory: str | None = None
         self._task_ids = itertools.count(1)
         self._closed = False
-        self._finalizer = None
+        self._finalizer: weakref.finalize | None = None
 
     def __repr__(self) -> str:
         return (f"ProcessPoolScheduler(n_workers={self.n_workers}, timeout={self.timeout}, "
@@ -674,7 +760,7 @@ class ProcessPoolScheduler(ShardedScheduler):
         pending = deque(units)
         crashes: Counter = Counter()  # plan index -> worker deaths while evaluating it
         lost_starts = 0  # worker deaths before a task reached its first query
-        busy: dict[object, _Slot] = {}
+        busy: dict[Future, _Slot] = {}
         poll = 0.5 if self.timeout is None else min(0.1, self.timeout / 4)
         try:
             while pending or busy:
@@ -685,7 +771,9 @@ class ProcessPoolScheduler(ShardedScheduler):
                 done, _ = wait(list(busy), timeout=poll, return_when=FIRST_COMPLETED)
                 for future in done:
                     slot = busy.pop(future)
-                    task, slot.task = slot.task, None
+                    finished, slot.task = slot.task, None
+                    assert finished is not None  # a busy slot has a task
+                    task = finished
                     exc = future.exception()
                     if exc is None:
                         result = future.result()
@@ -713,6 +801,7 @@ class ProcessPoolScheduler(ShardedScheduler):
 
     def _on_crash(self, slot: _Slot, task: _Task, exc, crashes: Counter, pending: deque, errors: dict) -> int:
         """Requeue the shard of a dead worker; returns 1 when it died before its first query."""
+        assert slot.progress is not None  # a busy slot has a progress record
         task_id, j = slot.progress.read()
         slot.restart()
         if task_id != task.task_id or j < 0:
@@ -730,6 +819,7 @@ class ProcessPoolScheduler(ShardedScheduler):
     def _watch(self, slot: _Slot, now: float, pending: deque, errors: dict) -> bool:
         """Check a busy worker's progress; kill it when a query hangs (returns True then)."""
         task = slot.task
+        assert task is not None and slot.progress is not None  # a busy slot
         task_id, j = slot.progress.read()
         seen = (task_id == task.task_id, j)
         if seen != task.seen:
