@@ -49,6 +49,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -206,6 +207,10 @@ def main(argv=None) -> int:
         return 0
     set_threads(args.threads)
     warn_if_busy()
+    # phiml's implicit solves build torch sparse CSR matrices; torch notes (once) that its sparse support is in
+    # beta and that invariant checks are off -- nothing this benchmark can act on (also filtered in pytest)
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
     seeds = args.seeds[:1] if args.quick else args.seeds
     t0 = time.perf_counter()
     result = {"scenarios": {}, "quick": args.quick, "seeds": seeds, "data_seed": args.data_seed}

@@ -26,12 +26,16 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .cli_args import fail_nonfinite, non_negative_int, positive_float, positive_int, seed_int, thread_count
 from .errors import ConfigError
 from .recipes import RECIPES, Recipe
+
+if TYPE_CHECKING:
+    from .adapters.phiflow import PhiFlowStep, SimulationSet
 
 __all__ = ["METHODS", "RECIPES", "SCENARIOS", "Problem", "Recipe", "cmd_pde", "make_problem", "register",
            "run_methods"]
@@ -45,9 +49,9 @@ class Problem:
     """A scenario's black-box source solver with its training and test simulations."""
 
     scenario: str
-    step: object  # PhiFlowStep
-    train: object  # SimulationSet
-    test: object  # SimulationSet
+    step: PhiFlowStep
+    train: SimulationSet
+    test: SimulationSet
     config: dict
 
     def make_net(self, recipe: Recipe, seed: int):
@@ -92,8 +96,7 @@ def make_problem(scenario: str = "burgers1d", *, n_train: int | None = None, n_t
             kw["factor"] = factor
         config_obj = _config(WakeConfig, kw, scenario)
         train, test = wake_datasets(config_obj, n_train=n_train, n_test=n_test, seed=data_seed)
-    config = config_obj
-    return Problem(scenario, PhiFlowStep(config.solver("source")), train, test, asdict(config))
+    return Problem(scenario, PhiFlowStep(config_obj.solver("source")), train, test, asdict(config_obj))
 
 
 def _config(cls, kw: dict, scenario: str):
@@ -156,7 +159,7 @@ def run_methods(problem: Problem, methods, recipe: Recipe, seed: int = 0, *, log
                         lr=recipe.non_lr, seed=seed)
         if "non" in methods:
             evaluate("non", non.params, non)
-    x0 = non.params if recipe.warm_start == "non" else x_init
+    x0 = non.params if (non is not None and recipe.warm_start == "non") else x_init
     warm = {"warm_start": recipe.warm_start,
             "warm_start_wall_s": non.wall_s if (non is not None and recipe.warm_start == "non") else 0.0}
 
@@ -178,13 +181,14 @@ def run_methods(problem: Problem, methods, recipe: Recipe, seed: int = 0, *, log
         res = train_zo_sol(oracle(), estimator=est, x0=x0, steps=steps, lr=recipe.rge_lr, budget=budget)
         evaluate("rge-sol", res.params, res, {**warm, "estimator": repr(est)})
     if "hybrid-sol" in methods:
+        hybrid_est: CoordinateEstimator | RandomEstimator
         if recipe.hybrid_q is None:
-            est = CoordinateEstimator(mu=recipe.mu, scheme="forward")
+            hybrid_est = CoordinateEstimator(mu=recipe.mu, scheme="forward")
         else:
-            est = RandomEstimator(mu=recipe.hybrid_mu, q=recipe.hybrid_q, seed=seed)
+            hybrid_est = RandomEstimator(mu=recipe.hybrid_mu, q=recipe.hybrid_q, seed=seed)
         lr = recipe.sol_lr if recipe.hybrid_lr is None else recipe.hybrid_lr
-        res = train_hybrid_sol(oracle(), estimator=est, x0=x0, steps=recipe.sol_steps, lr=lr)
-        evaluate("hybrid-sol", res.params, res, {**warm, "estimator": repr(est)})
+        res = train_hybrid_sol(oracle(), estimator=hybrid_est, x0=x0, steps=recipe.sol_steps, lr=lr)
+        evaluate("hybrid-sol", res.params, res, {**warm, "estimator": repr(hybrid_est)})
     return out
 
 

@@ -111,8 +111,8 @@ class VectorOracle(Oracle):
                  dtype: torch.dtype | None = None, device=None):
         super().__init__(dim, budget=budget, on_failure=on_failure, dtype=dtype, device=device)
         self._out_dim = _positive_int(out_dim, "out_dim")
-        self.dtype = dtype  # None: follow the rows (the scalar Oracle fixes torch's default dtype)
-        self.device = None if device is None else check_device(device)
+        self.dtype: torch.dtype | None = dtype  # type: ignore[assignment]  # None: follow the rows
+        self.device: torch.device | None = None if device is None else check_device(device)  # type: ignore[assignment]
 
     @property
     def out_dim(self) -> int:
@@ -132,7 +132,7 @@ class VectorOracle(Oracle):
         return type(self)._evaluate_batch is not VectorOracle._evaluate_batch
 
     # ------------------------------------------------------------------ protocol
-    def __call__(self, x) -> torch.Tensor:
+    def __call__(self, x) -> torch.Tensor:  # type: ignore[override]  # a row of outputs, not one loss
         """Outputs ``(out_dim,)`` at one row ``x`` (one query)."""
         x = as_vector(x, dim=self.dim, dtype=self.dtype, device=self.device)
         return self.evaluate(x[None])[0]
@@ -163,7 +163,7 @@ class VectorOracle(Oracle):
                 except Exception as exc:  # noqa: BLE001 - every failure goes to the policy
                     return RawResult(self._nan_rows(X), {i: exc for i in range(K)})
                 return RawResult(self._as_rows(out, X, "_evaluate_batch"), {})
-            values, errors = self._nan_rows(X), {}
+            values, errors = self._nan_rows(X), dict[int, BaseException]()
             for i in range(K):
                 try:
                     values[i] = self._as_rows(self._evaluate_one(X[i]), X[i:i + 1], "_evaluate_one")[0]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import ConfigError, OracleError
 
@@ -255,6 +255,7 @@ def build_pipelines(names: Sequence[str], blackbox: BlackBoxClassifier, images: 
             pipe = DenoisedClassifier(blackbox, den)
         elif name.startswith("zo-ae-ds"):
             model = _copy(ae_init)
+            est: CoordinateEstimator | RandomEstimator
             if name.endswith("cge"):
                 est = CoordinateEstimator(mu=r.zo_mu, scheme="central")
             else:
@@ -278,7 +279,12 @@ def build_pipelines(names: Sequence[str], blackbox: BlackBoxClassifier, images: 
     return out
 
 
-def _copy(module: nn.Module) -> nn.Module:
+_M = TypeVar("_M", bound="nn.Module")
+
+
+def _copy(module: _M | None) -> _M:
+    if module is None:  # pragma: no cover - the pipelines that need it build it first
+        raise ConfigError("internal: a pipeline needs the MSE denoiser / AE initialisation, which was not built")
     return copy.deepcopy(module)
 
 
