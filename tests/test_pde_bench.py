@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import pde_sil  # noqa: E402
+import pde_sil
 
 
 def _summary(non, fo, zo, hy, zo_rows=458_000, hy_rows=33_000) -> dict:
