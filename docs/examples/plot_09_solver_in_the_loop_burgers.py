@@ -6,7 +6,7 @@ A coarse Burgers solver (32 cells, one step of dt = 1.0) drifts from a reference
 in space and 10x in time. A small CNN applied after every coarse step corrects it. NON learns the
 correction from one-step pairs; SOL trains it on the loss of several *unrolled* corrected solver
 steps. Here the solver is a black box: HYBRID-SOL backpropagates through the network and treats
-each solver step as a :class:`zoblackbox.nn.BlackBox`, whose vector-Jacobian products come from
+each solver step as a ``zoblackbox.nn.BlackBox`` (docs/pde.md), whose vector-Jacobian products come from
 finite differences of solver queries (33 rows per rolled-out row). A small version of
 ``benchmarks/pde_sil.py`` (docs/pde.md has the full comparison, with ZO-SOL and FO-SOL).
 """
