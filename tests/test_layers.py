@@ -48,6 +48,7 @@ LAYERS = {
     "zoblackbox.params": CORE,
     "zoblackbox.estimators": CORE,
     "zoblackbox.directions": CORE,
+    "zoblackbox.seed_replay": CORE,  # memory-free RGE: seeded plans, estimates and their SGD rule
     "zoblackbox.parts": CORE,
     "zoblackbox.shaping": CORE,
     "zoblackbox.sparsity": CORE,

@@ -7,7 +7,7 @@ Estimators (CGE, RGE) turn queries into gradients, update rules turn gradients i
 ``docs/architecture.md`` for the layers.
 """
 
-from .directions import Directions, GaussianDirections, RademacherDirections, SphereDirections
+from .directions import Directions, GaussianDirections, RademacherDirections, SeededDirections, SphereDirections
 from .engine import AskTell
 from .errors import (
     BudgetExhaustedError,
@@ -25,6 +25,7 @@ from .plan import QueryPlan
 from .presets import Preset, ars_v2t, openai_es
 from .result import ZOResult
 from .schedules import Constant, WarmupCosine
+from .seed_replay import SeedReplayEstimator, SeedReplaySGD
 from .shaping import FitnessShaping, RankShaping, StdShaping
 
 __version__ = "0.1.0"
@@ -53,6 +54,9 @@ __all__ = [
     "RademacherDirections",
     "RandomEstimator",
     "RankShaping",
+    "SeedReplayEstimator",
+    "SeedReplaySGD",
+    "SeededDirections",
     "SignSGD",
     "SphereDirections",
     "StdShaping",

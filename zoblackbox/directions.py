@@ -17,9 +17,11 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from .errors import ConfigError
 from .parts import is_builtin_part, resolve_part
 
-__all__ = ["Directions", "GaussianDirections", "RademacherDirections", "SphereDirections", "directions_from"]
+__all__ = ["Directions", "GaussianDirections", "RademacherDirections", "SeededDirections", "SphereDirections",
+           "directions_from"]
 
 
 class Directions(ABC):
@@ -187,6 +189,108 @@ class RademacherDirections(_Stateless, Directions):
 
     def sample(self, q: int, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(0, 2, (q, n), generator=generator, dtype=torch.float64) * 2 - 1
+
+
+_MASK64 = 2**64 - 1
+
+
+def _block_seed(seed: int, block: int) -> int:
+    """A 64-bit seed for block ``block`` of the direction with seed ``seed`` (splitmix64 finalizer of
+    ``seed + (block + 1) * golden``): nearby seeds and blocks give unrelated generator states."""
+    z = (seed + (block + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class SeededDirections(Directions):
+    """Directions that can be regenerated piece by piece from one integer seed each.
+
+    Row ``k`` of :meth:`sample` is the direction of a seed ``s_k`` drawn from the estimator's
+    generator; its entries ``[j * block, (j + 1) * block)`` come from a generator seeded with a hash
+    of ``(s_k, j)``, drawn from ``base`` (Gaussian or Rademacher entries, i.i.d., so ``phi`` is
+    ``base``'s). Any block of any direction can therefore be rebuilt alone, without the rest: the
+    memory-free estimator :class:`~zoblackbox.SeedReplayEstimator` keeps only the ``q`` seeds and
+    regenerates each block when it perturbs a point or applies an update, while
+    :class:`~zoblackbox.RandomEstimator` with these directions draws the same numbers as a dense
+    ``(q, n)`` matrix (its reference, and the path to compare it with).
+
+    Parameters
+    ----------
+    base : {"gaussian", "rademacher"} or GaussianDirections or RademacherDirections, default "gaussian"
+        The distribution of the entries (an entry-wise i.i.d. built-in; the sphere is not, its rows
+        are normalized as a whole).
+    block : int, default 65536
+        Entries per regenerated block, ``1 <= block <= 2**26``: the memory one regeneration needs
+        (``8 * block`` bytes) against the cost of seeding a generator per block.
+
+    Raises
+    ------
+    ConfigError
+        ``base`` is not one of the two entry-wise built-ins, or ``block`` is not an int in range.
+
+    See Also
+    --------
+    SeedReplayEstimator : the estimator that replays these directions from their seeds.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zoblackbox import SeededDirections
+    >>> dirs = SeededDirections(block=4)
+    >>> U = dirs.sample(2, 10, torch.Generator().manual_seed(0))
+    >>> seeds = dirs.seeds(2, torch.Generator().manual_seed(0))
+    >>> bool(torch.equal(U[1, 4:8], dirs.block(int(seeds[1]), 1, 4)))
+    True
+    """
+
+    name = "seeded"
+
+    def __init__(self, base: str | Directions = "gaussian", block: int = 65536):
+        resolved = directions_from(base)
+        if type(resolved) not in (GaussianDirections, RademacherDirections):
+            raise ConfigError(f"SeededDirections needs entry-wise i.i.d. directions ('gaussian' or 'rademacher'), "
+                              f"got base={base!r}")
+        if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= 2**26:
+            raise ConfigError(f"block must be an int in [1, 2**26], got {block!r}")
+        self.base: Directions = resolved
+        self.block_size = block
+
+    def seeds(self, q: int, generator: torch.Generator) -> torch.Tensor:
+        """``q`` direction seeds (int64, in ``[0, 2**62)``) drawn from ``generator``."""
+        return torch.randint(0, 2**62, (q,), generator=generator, dtype=torch.int64)
+
+    def block(self, seed: int, j: int, length: int) -> torch.Tensor:
+        """Entries ``[j * block, j * block + length)`` of the direction of ``seed`` (float64, CPU)."""
+        g = torch.Generator().manual_seed(_block_seed(int(seed), int(j)))
+        return self.base.sample(1, length, g)[0]
+
+    def blocks(self, n: int):
+        """``(j, start, stop)`` of the blocks that cover ``n`` entries."""
+        for j, start in enumerate(range(0, n, self.block_size)):
+            yield j, start, min(start + self.block_size, n)
+
+    def row(self, seed: int, n: int) -> torch.Tensor:
+        """The whole direction of ``seed`` over ``n`` entries (float64, CPU)."""
+        out = torch.empty(n, dtype=torch.float64)
+        for j, start, stop in self.blocks(n):
+            out[start:stop] = self.block(seed, j, stop - start)
+        return out
+
+    def sample(self, q: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.stack([self.row(int(s), n) for s in self.seeds(q, generator)])
+
+    def phi(self, n: int) -> float:
+        return self.base.phi(n)
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.base == self.base and other.block_size == self.block_size
+
+    def __hash__(self) -> int:
+        return hash((type(self), type(self.base), self.block_size))
+
+    def __repr__(self) -> str:
+        return f"SeededDirections(base={self.base.name!r}, block={self.block_size})"
 
 
 _BUILTIN = {cls.name: cls for cls in (GaussianDirections, SphereDirections, RademacherDirections)}

@@ -26,6 +26,7 @@ rule's committed state at the start of the current iteration plus the losses tol
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -42,7 +43,7 @@ from .estimators import CoordinateEstimator, Estimate, Estimator, RandomEstimato
 from .oracle import BudgetView, FailurePolicy, Oracle, short_repr
 from .plan import QueryPlan, _is_int
 from .result import ZOResult
-from .rules import LBFGSRule, Stop, UpdateRule, make_rule
+from .rules import LBFGSRule, Stop, UpdateRule, clone_tree, make_rule
 from .strategy import PROBE_POINTS, AutoStrategy
 
 __all__ = ["AUTO_MIN_CGE_STEPS", "AUTO_RGE_Q", "AskTell", "BudgetView", "auto_estimator"]
@@ -475,8 +476,7 @@ class AskTell:
             self.afford(self.estimator.num_queries(self.dim, n), keep)
         plan = self.bounded(self.estimator.plan(x, self.coords))
         if f0 is not None and plan.include_base:
-            rest = QueryPlan(base=plan.base, include_base=False, coords=plan.coords, offsets=plan.offsets,
-                             directions=plan.directions, support=plan.support)
+            rest = dataclasses.replace(plan, include_base=False)  # the same kind of plan (seeded ones too)
             losses = yield rest
             losses = torch.cat([torch.tensor([float(f0)], dtype=torch.float64), losses.to(torch.float64)])
         else:
@@ -524,7 +524,7 @@ class AskTell:
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION, "config": json.dumps(self._config(), sort_keys=True),
             "x0": self.x0.clone(), "bounds": [] if self.lower is None else [self.lower.clone(), self.upper.clone()],
-            "boundary": self._boundary_state(),
+            "boundary": clone_tree(self._boundary_state()),  # a rule may snapshot its iterate by reference
             "told": [v.clone() for v, _ in self._log], "told_nfev": [n for _, n in self._log],
         }
 
@@ -802,6 +802,9 @@ class AskTell:
         a one-sided (or shorter) difference, never a query outside the box."""
         if self.lower is None or plan.num_perturbations == 0 and not plan.include_base:
             return plan
+        if plan.kind not in ("coordinate", "direction"):
+            raise ConfigError(f"bounds cannot clip a {plan.kind} plan ({type(plan).__name__}); run its estimator "
+                              "without bounds")
         assert self.upper is not None  # bounds are set together
         lower, upper = self.lower.to(plan.base.dtype), self.upper.to(plan.base.dtype)
         base = plan.base

@@ -534,32 +534,40 @@ class RandomEstimator(Estimator):
                              support=c.shape[0])
         return QueryPlan(base=x, include_base=True, directions=steps, support=c.shape[0])
 
-    def combine(self, plan: QueryPlan, losses: torch.Tensor) -> Estimate:
+    def _weights(self, plan: QueryPlan, losses: torch.Tensor, q: int):
+        """What the estimate is made of: ``(f0, idx, diffs, factor, n_failed)`` with
+        ``grad = factor * diffs @ U[idx]`` (``U``: the plan's ``q`` directions over ``mu``)."""
         losses = losses.to(torch.float64)
-        x = plan.base
-        assert plan.directions is not None  # a direction plan, as plan() builds
-        U = plan.directions.to(losses.device, torch.float64) / self.mu
         n_failed = int((~torch.isfinite(losses)).sum())
         if plan.include_base:
             f0 = float(losses[0])
-            plus, minus, scale = losses[1:], losses[:1].expand(U.shape[0]), self.mu
+            plus, minus, scale = losses[1:], losses[:1].expand(q), self.mu
         else:
             f0 = None
-            q = U.shape[0] // 2
-            plus, minus, U, scale = losses[:q], losses[q:], U[:q], 2 * self.mu
-        n = plan.support if plan.support is not None else x.shape[0]
+            plus, minus, scale = losses[:q], losses[q:], 2 * self.mu
+        n = plan.support if plan.support is not None else plan.base.shape[0]
         ok = torch.isfinite(plus) & torch.isfinite(minus)
-        plus, minus, U = plus[ok], minus[ok], U[ok]
+        idx = ok.nonzero().flatten().to(losses.device)
+        plus, minus = plus[ok], minus[ok]
         if self.top_b is not None and plus.numel() > self.top_b:
             keep = torch.topk(torch.minimum(plus, minus), self.top_b, largest=False).indices
-            plus, minus, U = plus[keep], minus[keep], U[keep]
+            plus, minus, idx = plus[keep], minus[keep], idx[keep]
         if self.shaping is not None and plus.numel():
             plus, minus = self.shaping(plus, minus, with_base=plan.include_base)
         diffs = (plus - minus) / scale
-        q_ok = int(diffs.numel())
+        factor = self.phi(n) / max(int(diffs.numel()), 1)
+        return f0, idx, diffs, factor, n_failed
+
+    def combine(self, plan: QueryPlan, losses: torch.Tensor) -> Estimate:
+        x = plan.base
+        assert plan.directions is not None  # a direction plan, as plan() builds
+        losses = losses.to(torch.float64)
+        U = plan.directions.to(losses.device, torch.float64) / self.mu
+        q = U.shape[0] if plan.include_base else U.shape[0] // 2
+        f0, idx, diffs, factor, n_failed = self._weights(plan, losses, q)
         grad = torch.zeros(x.shape[0], dtype=torch.float64, device=losses.device)
-        if q_ok:
-            grad = self.phi(n) / q_ok * (diffs @ U)
+        if diffs.numel():
+            grad = factor * (diffs @ U[idx])
         return Estimate(grad.to(device=x.device, dtype=x.dtype), f0, len(plan), n_failed)
 
     def state_dict(self) -> dict:

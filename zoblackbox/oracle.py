@@ -346,8 +346,8 @@ class Oracle:
         if size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {chunk_size!r}")
         out = torch.empty(n, dtype=torch.float64)
-        for start, stop in iter_chunks(n, size):
-            X = plan.points(start, stop).to(device=self.device, dtype=self.dtype)
+        for start, stop, X in plan.chunks(size):
+            X = X.to(device=self.device, dtype=self.dtype)
             raw = self.raw_evaluate(X)
             out[start:stop] = self.record(raw, _plan_rows(plan, start, self.device, self.dtype))
         return out

@@ -144,6 +144,16 @@ class QueryPlan:
         """Length ``d`` of the base point."""
         return int(self.base.shape[0])
 
+    def chunks(self, size: int):
+        """``(start, stop, X)`` for the queries in runs of at most ``size``: ``X`` is
+        :meth:`points(start, stop) <points>`. What :meth:`Oracle.evaluate_plan
+        <zoblackbox.Oracle.evaluate_plan>` iterates; a plan that must not materialize many points at
+        once (``SeededPlan``) yields one point at a time in a reused buffer instead."""
+        n = len(self)
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            yield start, stop, self.points(start, stop)
+
     def point(self, i: int) -> torch.Tensor:
         """The i-th query point, shape ``(d,)``."""
         if not _is_int(i):

@@ -44,6 +44,7 @@ from .optim import ZOGradient
 from .oracle import check_device
 from .params import ParamLayout
 from .result import ZOResult
+from .rules import UpdateRule
 from .schedules import Constant, WarmupCosine
 from .sparsity import SparseSchedule
 from .trainer_parts import HOOKS, EpochProgress, FailureLog, MaskRedraw, MetricsLog, TrainerCheckpoints, check_parts
@@ -91,8 +92,10 @@ class Trainer:
         Zeroth-order, or the autograd reference.
     estimator : Estimator or None, default None
         ZO estimator (``None``: ``CoordinateEstimator()``).
-    optimizer : str or type, default "adam"
-        A name (``"sgd"``, ``"adam"``, ``"adamw"``, ``"signsgd"``) or a ``torch.optim`` class.
+    optimizer : str or type or UpdateRule, default "adam"
+        A name (``"sgd"``, ``"adam"``, ``"adamw"``, ``"signsgd"``), a ``torch.optim`` class, or an
+        update rule such as :class:`~zoblackbox.SeedReplaySGD` (which then holds its own ``lr`` and
+        schedule: ``lr``, ``optimizer_kwargs`` and ``lr_schedule`` are not used).
     lr : float, default 1e-3
         Peak learning rate, positive and finite.
     optimizer_kwargs : dict or None, default None
@@ -181,7 +184,7 @@ class Trainer:
     def __init__(self, model: nn.Module, train_loader: DataLoader, test_loader: DataLoader | None = None, *,
                  loss_fn: Callable = F.cross_entropy,
                  method: str = "zo", estimator: Estimator | None = None,
-                 optimizer: str | type[torch.optim.Optimizer] = "adam", lr: float = 1e-3,
+                 optimizer: str | type[torch.optim.Optimizer] | UpdateRule = "adam", lr: float = 1e-3,
                  optimizer_kwargs: dict | None = None, lr_schedule: str = "cosine", warmup_steps: int = 0,
                  epochs: int = 10, budget: int | None = None, bn_policy: str = "batch",
                  scheduler: SchedulerLike | None = None,
@@ -230,9 +233,11 @@ class Trainer:
             if budget is not None and budget < self.step_cost:
                 raise ConfigError(f"budget={budget} is below the cost of one step ({self.step_cost} queries)")
         # the one loop: the engine owns the update rule, the LR schedule and the query budget
+        rule_given = isinstance(optimizer, UpdateRule)  # e.g. SeedReplaySGD: it holds its own lr and schedule
         self.engine = AskTell(self._flat_params().detach(), estimator=self.zo.estimator if self.zo else
-                              CoordinateEstimator(), optimizer=optimizer, lr=lr, optimizer_kwargs=optimizer_kwargs,
-                              lr_schedule=schedule, budget=budget if method == "zo" else None,
+                              CoordinateEstimator(), optimizer=optimizer, lr=None if rule_given else lr,
+                              optimizer_kwargs=None if rule_given else optimizer_kwargs,
+                              lr_schedule=None if rule_given else schedule, budget=budget if method == "zo" else None,
                               evaluate_final=False)
         self.checkpoints = TrainerCheckpoints(self.output_dir / "checkpoints", checkpoint_every,
                                               checkpoint_every_steps) if self.output_dir is not None else None
@@ -263,6 +268,12 @@ class Trainer:
     def optimizer(self) -> torch.optim.Optimizer:
         """The engine's ``torch.optim`` optimizer (over the flat parameter vector)."""
         return self.engine.rule.opt  # type: ignore[attr-defined]  # the Trainer's rule is first-order
+
+    def _current_lr(self) -> float:
+        """The learning rate of the next step (a rule without a ``torch.optim`` optimizer says its own)."""
+        rule = self.engine.rule
+        opt = getattr(rule, "opt", None)
+        return opt.param_groups[0]["lr"] if opt is not None else float(rule.current_lr)  # type: ignore[attr-defined]
 
     @property
     def lr_schedule(self):
@@ -392,7 +403,7 @@ class Trainer:
         eng = self.engine
         if eng.success:
             return f"query budget reached ({self.queries} of {self.budget})"
-        lr = self.optimizer.param_groups[0].get("lr")
+        lr = self._current_lr()
         if "non-finite" in eng.message:
             reason = (f"training diverged after step {self.global_step}: step {self.global_step + 1} made the "
                       f"parameters non-finite and was undone; the step size (lr={lr!r}) is the likely cause, lower "
@@ -463,7 +474,7 @@ class Trainer:
         finite = [v for v in losses if math.isfinite(v)]
         record = {"epoch": self.epoch, "step": self.global_step, "method": self.method,
                   "train_batch_loss": sum(finite) / len(finite) if finite else None,
-                  "lr": self.optimizer.param_groups[0]["lr"], "queries": self.queries, "wall_s": round(wall, 3)}
+                  "lr": self._current_lr(), "queries": self.queries, "wall_s": round(wall, 3)}
         if self.zo is not None:
             record["failures"] = self.zo.oracle.failure_report()
         train = self.evaluate(self.train_loader)
