@@ -4,7 +4,7 @@ A batched RGE plan holds a ``(q, d)`` matrix of directions, and its estimate a d
 model of 100M parameters that is gigabytes. Here each direction is an integer seed of a
 :class:`~zoblackbox.SeededDirections`: a query point is built block by block in one scratch buffer
 (``base + mu * u_k``, ``u_k`` regenerated from its seed), the estimate keeps the ``q`` seeds and
-their weights (:class:`SeededEstimate`), and :class:`SeedReplaySGD` applies the update from the same
+their weights (``SeededEstimate``), and :class:`SeedReplaySGD` applies the update from the same
 seeds, block by block. Nothing of size ``q * d`` and no per-query copy of the model exists at any
 time; the directions are the same numbers :class:`~zoblackbox.RandomEstimator` draws with the same
 ``SeededDirections`` and seed, so both give the same estimate (``tests/test_seed_replay.py``).
@@ -174,7 +174,7 @@ class SeedReplayEstimator(RandomEstimator):
     same ``seed`` (same queries, same losses, same gradient up to summation order), computed in
     memory independent of ``q``: a plan holds ``q`` integers; evaluated through an oracle's
     ``evaluate_plan`` each query is built in one scratch buffer, the estimate is a
-    :class:`SeededEstimate`, and :class:`SeedReplaySGD` applies it from the seeds. MeZO's scheme
+    ``SeededEstimate``, and :class:`SeedReplaySGD` applies it from the seeds. MeZO's scheme
     (Malladi et al., "Fine-Tuning Language Models with Just Forward Passes", NeurIPS 2023) with
     zoblackbox's finite-difference conventions.
 
@@ -244,7 +244,7 @@ class SeedReplayEstimator(RandomEstimator):
 
 
 class SeedReplaySGD(UpdateRule):
-    """Plain SGD that applies a :class:`SeededEstimate` from its seeds: ``x -= lr * g``, block by block.
+    """Plain SGD that applies a ``SeededEstimate`` from its seeds: ``x -= lr * g``, block by block.
 
     The iterate is updated in place (no copy of it, no dense gradient); the engine's snapshot of
     the iterate at the start of an iteration is the iterate itself, which is exact because it
@@ -301,6 +301,9 @@ class SeedReplaySGD(UpdateRule):
         return self.lr * (1.0 if self.lr_schedule is None else float(self.lr_schedule(self.steps)))
 
     def iteration(self, engine):
+        """One iteration: yields the seeded plan, receives its losses, applies ``x -= lr * g`` from the
+        seeds; returns the record (``f0``, ``grad_norm``, ``n_failed``), or ends the run (the
+        engine's ``Stop``) when the step makes ``x`` non-finite (the step is undone first)."""
         if engine.lower is not None or engine.freeze is not None:
             raise ConfigError("SeedReplaySGD updates from seeds: bounds and freeze masks are not supported (estimate "
                               "on a subset with coords instead)")
