@@ -632,21 +632,31 @@ def train_fo_sol(oracle: SolverInTheLoopOracle, *, x0: torch.Tensor | None = Non
     """FO-SOL: the oracle's unrolled loss differentiated with autograd through PhiFlow (the
     reference a differentiable solver allows; no black box)."""
     _check_training(steps, lr, lr_schedule)
+    return _train_unrolled(oracle, "FO-SOL", x0, steps, lr, lr_schedule, log_every,
+                           lambda p: oracle.losses(p, autodiff=True)[0])
+
+
+def _train_unrolled(oracle: SolverInTheLoopOracle, name: str, x0: torch.Tensor | None, steps: int, lr: float,
+                    lr_schedule: str, log_every: int, loss_of, queries=None) -> TrainResult:
+    """The loop of FO-SOL and HYBRID-SOL: per step a new minibatch, ``loss_of(params (1, d))``
+    differentiated by autograd, an Adam step through the engine. ``queries()``: the black-box
+    queries so far (HYBRID-SOL), logged and returned."""
     t0, calls0, rows0 = time.perf_counter(), oracle.step.calls, oracle.step.rows
     engine = _adam(oracle.get_params() if x0 is None else x0, lr, lr_schedule, steps)
     history = []
     for it in range(steps):
         oracle.sample_batch()
         param = engine.x.requires_grad_(True)
-        loss = oracle.losses(param[None].to(oracle.dtype), autodiff=True)[0]
+        loss = loss_of(param[None].to(oracle.dtype))
         (grad,) = torch.autograd.grad(loss, param)
         if not torch.isfinite(grad).all():
-            raise ConfigError(f"FO-SOL gradient is non-finite at step {it} (loss {float(loss)}); lower lr={lr}")
+            raise ConfigError(f"{name} gradient is non-finite at step {it} (loss {float(loss)}); lower lr={lr}")
         engine.step_gradient(grad, float(loss.detach()))
         if it % log_every == 0 or it == steps - 1:
-            history.append({"step": it, "loss": float(loss.detach())})
-    return TrainResult(engine.x, steps, 0, oracle.step.calls - calls0, oracle.step.rows - rows0,
-                       time.perf_counter() - t0, history)
+            row = {"step": it, "loss": float(loss.detach())}
+            history.append(row if queries is None else {**row, "queries": queries()})
+    return TrainResult(engine.x, steps, 0 if queries is None else queries(), oracle.step.calls - calls0,
+                       oracle.step.rows - rows0, time.perf_counter() - t0, history)
 
 
 def train_zo_sol(oracle: SolverInTheLoopOracle, *, estimator: Estimator | None = None,
@@ -754,23 +764,10 @@ def train_hybrid_sol(oracle: SolverInTheLoopOracle, *, estimator=None, x0: torch
     _check_training(steps, lr, lr_schedule)
     estimator = CoordinateEstimator(mu=DEFAULT_MU, scheme="forward") if estimator is None else estimator
     box = solver_blackbox(oracle.step, estimator, budget=budget, on_failure="raise")
-    t0, calls0, rows0 = time.perf_counter(), oracle.step.calls, oracle.step.rows
-    engine = _adam(oracle.get_params() if x0 is None else x0, lr, lr_schedule, steps)
 
     def step_fn(s, aux):
         out = box(s.reshape(s.shape[0], -1), None if aux is None else aux.reshape(aux.shape[0], -1))
         return out.reshape(s.shape)
 
-    history = []
-    for it in range(steps):
-        oracle.sample_batch()
-        param = engine.x.requires_grad_(True)
-        loss = oracle.losses(param[None].to(oracle.dtype), step_fn=step_fn)[0]
-        (grad,) = torch.autograd.grad(loss, param)
-        if not torch.isfinite(grad).all():
-            raise ConfigError(f"HYBRID-SOL gradient is non-finite at step {it} (loss {float(loss)}); lower lr={lr}")
-        engine.step_gradient(grad, float(loss.detach()))
-        if it % log_every == 0 or it == steps - 1:
-            history.append({"step": it, "loss": float(loss.detach()), "queries": box.oracle.nfev})
-    return TrainResult(engine.x, steps, box.oracle.nfev, oracle.step.calls - calls0, oracle.step.rows - rows0,
-                       time.perf_counter() - t0, history)
+    return _train_unrolled(oracle, "HYBRID-SOL", x0, steps, lr, lr_schedule, log_every,
+                           lambda p: oracle.losses(p, step_fn=step_fn)[0], queries=lambda: box.oracle.nfev)

@@ -78,9 +78,9 @@ def make_problem(scenario: str = "burgers1d", *, n_train: int | None = None, n_t
     if scenario not in SCENARIOS:
         raise ConfigError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
     kw = dict(config or {})
-    n_train = n_train or kw.pop("n_train", None) or (10 if scenario == "burgers1d" else 4)
-    n_test = n_test or kw.pop("n_test", None) or (5 if scenario == "burgers1d" else 2)
-    kw.pop("n_train", None), kw.pop("n_test", None)
+    given_train, given_test = kw.pop("n_train", None), kw.pop("n_test", None)
+    n_train = n_train or given_train or (10 if scenario == "burgers1d" else 4)
+    n_test = n_test or given_test or (5 if scenario == "burgers1d" else 2)
     kw.update({k: v for k, v in (("steps", sim_steps), ("warmup", warmup)) if v is not None})
     if scenario == "burgers1d":
         from .adapters.burgers import BurgersConfig, burgers_datasets
