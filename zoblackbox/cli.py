@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", choices=["digits", "cifar10"], default="digits", help="dataset")
     train.add_argument("--data", type=Path, default=None,
                        help="CIFAR-10 directory in the standard python format (never downloaded)")
-    train.add_argument("--model", choices=["cnn", "mlp", "resnet20"], default=None,
+    train.add_argument("--model", choices=["cnn", "mlp", "vit", "resnet20"], default=None,
                        help="architecture (default: cnn for digits, resnet20 for cifar10)")
     train.add_argument("--recipe", choices=["deepzero"], default=None,
                        help="DeepZero's CIFAR-10 recipe: SGD lr 0.1, momentum 0.9, wd 5e-4, cosine with 3 warm-up "
