@@ -30,13 +30,12 @@ from the cached input plus an explicit delta (:mod:`zoblackbox.schedule.reuse`).
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from weakref import WeakKeyDictionary
-
-import warnings
 
 import torch
 import torch.nn.functional as F

@@ -179,7 +179,7 @@ def _out_of_place(node: fx.Node, modules: Mapping[str, nn.Module]) -> tuple[Any,
             return _INPLACE_OPERATORS[t], kwargs
         name = getattr(t, "__name__", "")
         try:
-            return getattr(importlib.import_module(t.__module__), name[:-1]), kwargs  # type: ignore[union-attr]
+            return getattr(importlib.import_module(t.__module__), name[:-1]), kwargs
         except (AttributeError, ImportError, TypeError):
             raise NotStaged(f"in-place operation {_where(node)} has no out-of-place form") from None
     name = str(t)[:-1]
@@ -219,8 +219,8 @@ def _plain_module(node: fx.Node, modules: Mapping[str, nn.Module]) -> nn.Module 
             return nn.Sigmoid()
         if t is F.silu and not rest and not kw:
             return nn.SiLU()
-        if t is F.gelu and not rest and set(kw) <= {"approximate"}:
-            return nn.GELU(**kw)
+        if t is F.gelu and not rest and set(kw) <= {"approximate"} and isinstance(kw.get("approximate", ""), str):
+            return nn.GELU(str(kw.get("approximate", "none")))
         if t is torch.flatten and (rest == (1,) and not kw or not rest and kw == {"start_dim": 1}):
             return nn.Flatten()
         if t is F.adaptive_avg_pool2d and len(rest) == 1 and not kw and isinstance(rest[0], (int, tuple)):
