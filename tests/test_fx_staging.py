@@ -7,6 +7,7 @@ from every stage. Then the fallbacks (each warns once, each still matches the se
 and the bad inputs.
 """
 
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -338,3 +339,24 @@ def test_dropout_is_traced_in_query_mode():
     oracle = small_oracle(model)
     assert staging_of(oracle).traced and model.training
     assert_matches_serial(oracle, None, "central")
+
+
+def test_traced_models_float32_losses_within_documented_tolerance():
+    """float32: every query's loss within 1e-6 relative of the serial one (docs/schedulers.md)."""
+    for name in ("resnet18", "vit"):
+        torch.manual_seed(0)
+        model, x, y = PROBLEMS[name]()
+        oracle = ModuleOracle(model.float(), F.cross_entropy, batch=(x.float(), y))
+        plan = CoordinateEstimator().plan(oracle.get_params(), coords_in_every_stage(oracle, per_tensor=1))
+        ref = SerialScheduler().run(oracle, plan)
+        got = FeatureReuseScheduler().run(oracle, plan)
+        assert float(((got - ref).abs() / ref.abs()).max()) <= 1e-6, name
+
+
+def test_staged_oracle_of_a_traced_model_pickles():
+    torch.manual_seed(0)
+    model, x, y = vit_problem()
+    oracle = StagedOracle(model, F.cross_entropy, batch=(x, y))
+    copy = pickle.loads(pickle.dumps(oracle))
+    assert copy.staging.traced and copy.staging.num_stages == oracle.staging.num_stages
+    assert_matches_serial(copy, coords_in_every_stage(copy, per_tensor=1))

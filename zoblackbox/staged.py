@@ -526,6 +526,18 @@ class StagedOracle(ModuleOracle):
             staging = Staging.from_model(model, self.layout)
         self.staging = _checked(staging, self)
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        if self.staging.traced:  # fx graphs do not pickle: traced again when unpickled
+            state["staging"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.staging is None:
+            with self.query_mode():
+                self.staging = Staging.from_model(self.model, self.layout)
+
     def __repr__(self) -> str:
         budget = "" if self.budget is None else f", budget={self.budget}"
         return f"StagedOracle(dim={self.dim}, stages={self.staging.num_stages}, nfev={self.nfev}{budget})"
