@@ -360,3 +360,20 @@ def test_staged_oracle_of_a_traced_model_pickles():
     copy = pickle.loads(pickle.dumps(oracle))
     assert copy.staging.traced and copy.staging.num_stages == oracle.staging.num_stages
     assert_matches_serial(copy, coords_in_every_stage(copy, per_tensor=1))
+
+
+def test_parameters_the_forward_never_reads_are_staged_with_zero_gradient():
+    class WithUnusedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.aux = nn.Linear(6, 6), nn.Linear(6, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    oracle = small_oracle(WithUnusedHead())
+    staging = staging_of(oracle)
+    assert staging.traced and staging.stages[-1].name == "<unused parameters>"
+    assert staging.stages[-1].param_names == ("aux.weight", "aux.bias")
+    got, _ = assert_matches_serial(oracle, None, "central")
+    assert torch.equal(got.grad[oracle.layout.slice("aux.weight").start:], torch.zeros(14, dtype=torch.float64))

@@ -336,9 +336,7 @@ def fx_staging(model: nn.Module, layout: ParamLayout):
             problem = _inplace_problem(node, pos, modules)
             if problem:
                 raise NotStaged(problem)
-    missing = [n for n in layout.names if n not in owner]
-    if missing:
-        raise NotStaged(f"parameters {missing} are not used by the traced forward")
+    unused = [n for n in layout.names if n not in owner]  # the forward never reads them
 
     specs: list[dict] = []  # per unit: kind, name, module or segment parts, params
     act_of = {placeholders[0]: 0}  # value -> the first unit whose input (main) it is
@@ -395,6 +393,8 @@ def fx_staging(model: nn.Module, layout: ParamLayout):
     result = output.args[0]
     if state["main"] is not result:
         emit({"kind": "fx", "nodes": (), "out": result, "params": []}, result, len(nodes) + 1)
+    if unused:  # owned by a last unit that passes the output on: perturbing them changes nothing
+        emit({"kind": "fx", "nodes": (), "out": result, "params": [(n, n) for n in unused]}, result, len(nodes) + 1)
 
     units, stages, enclosing = [], [0], []  # stages: the first unit of each
     seen_params = False
@@ -407,7 +407,8 @@ def fx_staging(model: nn.Module, layout: ParamLayout):
         enclosing.append(tuple(act_of[n] for n in spec["env_in"]))
         if spec["kind"] == "fx":
             segment_module = Segment(gm, model, spec["nodes"], spec["out"], spec["main"], spec["env_in"],
-                                     spec["env_out"], dict(owned), modules)
+                                     spec["env_out"], dict(owned), modules,
+                                     "<unused parameters>" if spec["params"] and not spec["nodes"] else "")
             params = tuple((full, full) for _, full in spec["params"])
             units.append(Unit(segment_module.label, segment_module, params, "fx", stage))
         else:
@@ -457,11 +458,13 @@ class Segment(nn.Module):
     """A unit of kind ``"fx"``: some nodes of the traced graph, run on the main value and the live
     values of ``skips`` (see the module docstring); ``Unit.step`` calls :meth:`step`.
 
-    With no node it is a *move*: its output is a live value (or the main value itself, kept live).
+    With no node it is a *move*: its output is a live value (or the main value itself, kept live);
+    the last unit may be a move that owns the parameters the forward never reads.
     """
 
     def __init__(self, gm: fx.GraphModule, model: nn.Module, nodes, out: fx.Node, main: fx.Node, env_in, env_out,
-                 owned: Mapping[fx.Node, list[tuple[str, str]]], modules: Mapping[str, nn.Module]):
+                 owned: Mapping[fx.Node, list[tuple[str, str]]], modules: Mapping[str, nn.Module],
+                 label: str = ""):
         super().__init__()
         self.probe = nn.Identity()  # called on the largest tensor, so the scheduler's size hooks see it
         self.nodes, self.out, self.main = tuple(nodes), out, main
@@ -478,7 +481,7 @@ class Segment(nn.Module):
             if first in owned and first.op in ("call_module", "get_attr"):
                 self.label = str(first.target)
         else:
-            self.label = f"<{out.name}>"
+            self.label = label or f"<{out.name}>"
 
     def extra_repr(self) -> str:
         return f"{self.label}: {len(self.nodes)} nodes"
