@@ -21,7 +21,8 @@ Claim: ``resnet20_reuse_speedup`` = naive / reuse step time >= 3.
 
 Automatic staging (``traced_models`` in the JSON): models written as ordinary ``nn.Module`` s --
 a ResNet-18-style CIFAR network (``benchmarks/fx_models.py``, widths 16-32-64-128, 701,466
-parameters, batch ``--traced-batch`` random 32x32 images) and ``zoblackbox.models.digits_vit``
+parameters, batch ``--traced-batch`` random 32x32 images; shortcut added out of place, because
+``VectorizedScheduler`` fails on torchvision's ``out += shortcut(x)`` under vmap) and ``zoblackbox.models.digits_vit``
 (5,018 parameters, 128 digits training images) -- staged from their ``torch.fx`` graph by
 ``StagedOracle``; the same three methods over sampled coordinates (``--traced-coords``; at least
 one per stage). Claim: ``resnet18_plain_reuse_speedup`` and ``digits_vit_reuse_speedup`` (naive /
@@ -120,7 +121,7 @@ TRACED_SPEEDUP_TARGET = 2.0
 def traced_problems(batch: int, seed: int, device: str) -> dict:
     """The two ordinary-module models as StagedOracles (staged from their fx graph at construction)."""
     torch.manual_seed(seed)
-    resnet = ResNet18(widths=(16, 32, 64, 128)).to(device)
+    resnet = ResNet18(widths=(16, 32, 64, 128), inplace_add=False).to(device)  # vmap (vectorized) needs it
     images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     split = load_digits_split()
     vit = digits_vit().to(device)

@@ -12,10 +12,16 @@ from torch import nn
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 convolutions with BatchNorm, identity or 1x1-conv shortcut."""
+    """ResNet basic block: two 3x3 convolutions with BatchNorm, identity or 1x1-conv shortcut.
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+    ``inplace_add``: the shortcut is added with ``out += shortcut(x)`` (as torchvision writes it);
+    ``VectorizedScheduler`` cannot evaluate that under ``vmap`` when only the shortcut is perturbed
+    (a per-query value written into a shared one), so the benchmark uses ``out = out + ...``.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, inplace_add: bool = True):
         super().__init__()
+        self.inplace_add = inplace_add
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
@@ -28,20 +34,23 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        out += self.shortcut(x)
+        if self.inplace_add:
+            out += self.shortcut(x)
+        else:
+            out = out + self.shortcut(x)
         return self.relu(out)
 
 
 class ResNet18(nn.Module):
     """ResNet-18 for CIFAR-sized images: a 3x3 stem, four stages of two basic blocks, a linear head."""
 
-    def __init__(self, widths=(4, 8, 16, 32), num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, widths=(4, 8, 16, 32), num_classes: int = 10, in_channels: int = 3, inplace_add: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         layers, c = [], widths[0]
         for i, w in enumerate(widths):
-            layers.append(nn.Sequential(BasicBlock(c, w, 1 if i == 0 else 2), BasicBlock(w, w)))
+            layers.append(nn.Sequential(BasicBlock(c, w, 1 if i == 0 else 2, inplace_add), BasicBlock(w, w, 1, inplace_add)))
             c = w
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.fc = nn.Linear(c, num_classes)
