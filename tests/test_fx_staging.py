@@ -244,6 +244,16 @@ class SafeInplace(nn.Module):
         return self.b(self.act(h) + x)
 
 
+class ItemScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h / h.abs().max().item())  # a Python number read from the data
+
+
 class OptionalMask(nn.Module):
     def __init__(self):
         super().__init__()
@@ -278,6 +288,7 @@ FALLBACKS = {
     "layer-used-twice": (LayerUsedTwice, "'lin.weight' is used in two places"),
     "inplace-on-skip": (InplaceOnSkip, "in-place operation call_method 'mul_'"),
     "aliased-augmented-assignment": (AliasedAugmentedAssign, "output differs from the model's"),
+    "item": (ItemScale, "call_method 'item' (item) reads a tensor's data into Python"),
 }
 
 
@@ -314,6 +325,26 @@ def test_safe_inplace_operations_default_arguments_and_reread_parameters_are_sta
         assert_matches_serial(oracle, None, scheme)
     for scheme in ("forward", "central"):
         assert_matches_serial(oracle, None, scheme, scheduler=FeatureReuseScheduler(explicit_deltas=False))
+
+
+def test_model_returning_a_tuple_falls_back():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h), self.c(h)
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    oracle = ModuleOracle(TwoHeads().double(), lambda out, y: F.cross_entropy(out[0], y) + out[1].square().mean(),
+                          batch=(x, torch.arange(8) % 3))
+    with pytest.warns(StagingWarning, match="returns tuple, not one tensor"):
+        staging = staging_of(oracle)
+    assert staging.num_stages == 1
+    assert_matches_serial(oracle, None)
 
 
 def test_forward_with_two_inputs_is_refused():
