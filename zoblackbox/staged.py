@@ -225,7 +225,10 @@ class Stage:
 class Staging:
     """A model as a chain of units grouped into stages, with the map from coordinates to units.
 
-    Build it with :meth:`from_model`; schedulers read it, nothing in it changes afterwards.
+    Build it with :meth:`from_model`; schedulers read it, nothing in it changes afterwards (but
+    ``checked``, set once a traced staging was compared with the model's own forward).
+    ``traced`` says whether it came from a ``torch.fx`` graph (:mod:`zoblackbox.staged_fx`), and
+    ``reason`` why a model is a single stage (``""`` otherwise).
     """
 
     def __init__(self, units: Sequence[Unit], stages: Sequence[Stage], layout: ParamLayout, reason: str = "",
