@@ -19,6 +19,15 @@ speedup that reuse can reach at most for these coordinates and for a dense CGE s
 
 Claim: ``resnet20_reuse_speedup`` = naive / reuse step time >= 3.
 
+Automatic staging (``traced_models`` in the JSON): models written as ordinary ``nn.Module`` s --
+a ResNet-18-style CIFAR network (``benchmarks/fx_models.py``, widths 16-32-64-128, 701,466
+parameters, batch ``--traced-batch`` random 32x32 images; shortcut added out of place, because
+``VectorizedScheduler`` fails on torchvision's ``out += shortcut(x)`` under vmap) and ``zoblackbox.models.digits_vit``
+(5,018 parameters, 128 digits training images) -- staged from their ``torch.fx`` graph by
+``StagedOracle``; the same three methods over sampled coordinates (``--traced-coords``; at least
+one per stage). Claim: ``resnet18_plain_reuse_speedup`` and ``digits_vit_reuse_speedup`` (naive /
+reuse) >= 2; ``reuse_vs_vectorized`` is reported alongside.
+
 Run:  python benchmarks/feature_reuse.py            (a few minutes on 2 cores)
       python benchmarks/feature_reuse.py --quick    (about a minute)
 Writes benchmarks/results/feature_reuse.json and feature_reuse.png.
@@ -46,8 +55,11 @@ from _common import (
     warn_if_busy,
     write_json,
 )
+from fx_models import ResNet18
 
 from zoblackbox import CoordinateEstimator
+from zoblackbox.data import load_digits_split
+from zoblackbox.models import digits_vit
 from zoblackbox.resnet import resnet20
 from zoblackbox.schedule import FeatureReuseScheduler, VectorizedScheduler
 from zoblackbox.schedule.vectorized import module_batch
@@ -102,6 +114,73 @@ def predicted_speedup(costs: list[float], queries_per_stage: list[int]) -> float
     return sum(queries_per_stage) * total / work
 
 
+# ---------------------------------------------------------------------------- automatic (torch.fx) staging
+TRACED_SPEEDUP_TARGET = 2.0
+
+
+def traced_problems(batch: int, seed: int, device: str) -> dict:
+    """The two ordinary-module models as StagedOracles (staged from their fx graph at construction)."""
+    torch.manual_seed(seed)
+    resnet = ResNet18(widths=(16, 32, 64, 128), inplace_add=False).to(device)  # vmap (vectorized) needs it
+    images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    split = load_digits_split()
+    vit = digits_vit().to(device)
+    return {  # name: (oracle, data, sampled coordinates (quick, full))
+        "resnet18_plain": (StagedOracle(resnet, F.cross_entropy, batch=(images, labels)),
+                           f"random 3x32x32 images, batch {batch}, random labels", (64, 160)),
+        "digits_vit": (StagedOracle(vit, F.cross_entropy, batch=(split.x_train[:128], split.y_train[:128])),
+                       "128 digits training images", (256, 512)),
+    }
+
+
+def traced_models(args, repeats: int) -> dict:
+    """Naive vs vectorized vs feature reuse on the automatically staged models (the JSON's
+    ``traced_models`` and ``*_reuse_speedup`` keys)."""
+    out: dict = {"traced_models": {}}
+    for name, (oracle, data, sizes) in traced_problems(args.traced_batch, args.seed, args.device).items():
+        staging = oracle.staging
+        n_coords = args.traced_coords or sizes[0 if args.quick else 1]
+        x = oracle.get_params()
+        coords = sample_coords(oracle, n_coords, 1, args.seed).to(x.device)
+        steps = realized_steps(x, coords, MU).cpu()
+
+        def naive(oracle=oracle, x=x, coords=coords, steps=steps):
+            f0, losses = naive_cge_losses(oracle, x, coords, MU)
+            return (losses - f0) / steps
+
+        def scheduled(scheduler, oracle=oracle, x=x, coords=coords):
+            grad = CoordinateEstimator(mu=MU).estimate(oracle, x, coords=coords, scheduler=scheduler).grad
+            return grad[coords].to("cpu", torch.float64)
+
+        methods = {"naive": naive, "vectorized": lambda s=scheduled: s(VectorizedScheduler()),
+                   "reuse": lambda s=scheduled: s(FeatureReuseScheduler())}
+        timing = interleaved_medians(methods, repeats)
+        seconds = {m: t["median_s"] for m, t in timing.items()}
+        kinds: dict[str, int] = {}
+        for unit in staging.units:
+            kinds[unit.kind] = kinds.get(unit.kind, 0) + 1
+        out["traced_models"][name] = {
+            "model": f"{name} ({oracle.dim} parameters, {staging.num_stages} stages, {len(staging.units)} units)",
+            "staged": staging.traced and not staging.reason,
+            "unit_kinds": kinds,
+            "data": data,
+            "coords": int(coords.numel()),
+            "step_seconds": {m: {"median": t["median_s"], "all": t["times_s"]} for m, t in timing.items()},
+            "reuse_speedup": seconds["naive"] / seconds["reuse"],
+            "reuse_vs_vectorized": seconds["vectorized"] / seconds["reuse"],
+            "vectorized_speedup_vs_naive": seconds["naive"] / seconds["vectorized"],
+            "rel_grad_diff_vs_naive": {m: rel_l2(t["result"], timing["naive"]["result"])
+                                       for m, t in timing.items() if m != "naive"},
+        }
+        out[f"{name}_reuse_speedup"] = seconds["naive"] / seconds["reuse"]
+        print(f"{name} (automatic staging, {staging.num_stages} stages, {coords.numel()} coordinates): naive "
+              f"{seconds['naive']:.2f} s | vectorized {seconds['vectorized']:.2f} s | reuse {seconds['reuse']:.2f} s "
+              f"-> {out[f'{name}_reuse_speedup']:.2f}x naive, {seconds['vectorized'] / seconds['reuse']:.2f}x vectorized")
+    out["traced_speedup_target"] = TRACED_SPEEDUP_TARGET
+    out["traced_target_met"] = all(out[f"{n}_reuse_speedup"] >= TRACED_SPEEDUP_TARGET for n in out["traced_models"])
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer coordinates and repeats (about a minute)")
@@ -110,6 +189,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--min-per-stage", type=int, default=2, help="coordinates at least from every stage")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3, quick 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--traced-coords", type=int, default=None,
+                    help="sampled coordinates of the automatically staged models (default: ResNet-18 160, "
+                         "ViT 512; quick 64 and 256)")
+    ap.add_argument("--traced-batch", type=int, default=16, help="images per batch of the ResNet-18 (default 16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -171,6 +254,7 @@ def main(argv=None) -> dict:
         "rel_grad_diff_vs_naive": {name: rel_l2(t["result"], ref) for name, t in timing.items() if name != "naive"},
         "machine": machine_info(),
     }
+    result.update(traced_models(args, repeats))
     path = write_json("feature_reuse", result)
 
     fig, (ax_stage, ax_time) = new_figure(ncols=2, width=6.5)

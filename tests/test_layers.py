@@ -65,6 +65,7 @@ LAYERS = {
     # 2. torch layer
     "zoblackbox.torch_module": TORCH,
     "zoblackbox.staged": TORCH,
+    "zoblackbox.staged_fx": TORCH,
     "zoblackbox.resnet": TORCH,
     "zoblackbox.models": TORCH,
     "zoblackbox.data": TORCH,

@@ -412,7 +412,8 @@ def test_plain_function_oracle_falls_back_to_its_own_evaluation(name):
 
 
 class TanhSkip(nn.Module):
-    """``x + tanh(lin(x))`` written as a plain module (not a staging Residual): one opaque unit."""
+    """``x + tanh(lin(x))`` written as a plain module (not a staging Residual): staged from its fx
+    graph on its own, one opaque unit inside a StagedModel."""
 
     def __init__(self):
         super().__init__()
@@ -422,13 +423,15 @@ class TanhSkip(nn.Module):
         return x + torch.tanh(self.lin(x))
 
 
-def test_custom_model_is_one_stage_and_mse_loss_works():
+def test_custom_model_is_traced_and_mse_loss_works():
     torch.manual_seed(0)
     model = TanhSkip().double()
     x = torch.randn(5, 6, dtype=torch.float64)
     oracle = ModuleOracle(model, F.mse_loss, batch=(x, torch.zeros(5, 6, dtype=torch.float64)))
     staging = staging_of(oracle)
-    assert staging.num_stages == 1 and "is neither nn.Sequential" in staging.reason
+    assert staging.num_stages == 1 and staging.traced and staging.reason == ""
+    # x is kept live (a move), the layer and tanh are plain units, the sum a graph segment
+    assert [u.kind for u in staging.units] == ["fx", "linear", "elementwise", "fx"]
     plan = CoordinateEstimator().plan(oracle.get_params())
     ref, _ = losses(oracle, plan, SerialScheduler())
     for make in FAST.values():

@@ -13,10 +13,16 @@ How a model is staged (:meth:`Staging.from_model`):
   a sub-network) -- the way to stage a model whose forward is not a plain chain of layers.
 * :class:`Residual` (``activation(body(x) + shortcut(x))``), at the top or inside the above: unrolled,
   so reuse can restart inside the block.
-* any other module: a single stage (a plain black box; nothing can be reused).
+* any other module that ``torch.fx.symbolic_trace`` accepts: staged from its graph
+  (:mod:`zoblackbox.staged_fx`): every leaf module or ``get_attr`` parameter with optimized
+  parameters starts a stage; residual branches and other values that stay live across layers are
+  carried along. A module that cannot be traced or staged that way (data-dependent control flow,
+  shared weights, an in-place write into a value used later) is a single stage -- a plain black
+  box -- and a :class:`StagingWarning` says why.
 
 Each stage runs as a chain of *units*: the modules of a flattened ``nn.Sequential``, the entry,
-body and merge of a :class:`Residual`, or one opaque module. Reuse restarts at the unit a query
+body and merge of a :class:`Residual`, the layers and graph segments of a traced module, or one
+opaque module. Reuse restarts at the unit a query
 perturbs. Units of a known kind (``Linear``, ``Conv2d``, ``BatchNorm``, elementwise activations,
 pooling, ``Flatten``) let it go further: their outputs for many perturbed coordinates are formed
 from the cached input plus an explicit delta (:mod:`zoblackbox.schedule.reuse`).
@@ -24,6 +30,7 @@ from the cached input plus an explicit delta (:mod:`zoblackbox.schedule.reuse`).
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +46,18 @@ from .errors import ConfigError
 from .params import ParamLayout
 from .torch_module import ModuleOracle
 
-__all__ = ["Residual", "Stage", "StagedModel", "StagedOracle", "Staging", "Unit", "staging_of", "unit_kind"]
+__all__ = ["Residual", "Stage", "StagedModel", "StagedOracle", "Staging", "StagingWarning", "Unit", "staging_of",
+           "unit_kind"]
+
+
+class StagingWarning(UserWarning):
+    """A module could not be staged automatically and runs as one stage (no feature reuse).
+
+    The message names the reason: the ``torch.fx`` error for a forward that cannot be traced
+    (data-dependent control flow), shared or tied weights, an in-place write into a value that is
+    used afterwards, or a traced graph that does not reproduce the module's output. Every query is
+    still answered exactly; only the speed-up of feature reuse is lost.
+    """
 
 # Parameter-free modules that act on every element independently (in query mode dropout is off).
 _ELEMENTWISE = (
@@ -128,7 +146,8 @@ class Unit:
         module: the module.
         params: ``(local name, layout name)`` of the optimized parameters it owns.
         kind: ``"linear"``, ``"conv"``, ``"batchnorm"``, ``"elementwise"``, ``"pool"``,
-            ``"flatten"``, ``"enter"``/``"merge"`` (the two ends of a :class:`Residual`) or
+            ``"flatten"``, ``"enter"``/``"merge"`` (the two ends of a :class:`Residual`), ``"fx"``
+            (a segment of a traced module's graph, :class:`zoblackbox.staged_fx.Segment`) or
             ``"opaque"`` (anything else: run as a black box).
         stage: index of the stage the unit belongs to.
     """
@@ -164,8 +183,8 @@ class Unit:
             mean, var = (None, None) if m.training else (m.running_mean, m.running_var)
             return F.batch_norm(h, mean, var, self.tensor("weight", params), self.tensor("bias", params),
                                 use_batch_stats, 0.0, m.eps)
-        if self.kind in ("enter", "merge"):
-            raise TypeError(f"the {self.kind} of residual block {self.name!r} is run with Unit.step")
+        if self.kind in ("enter", "merge", "fx"):
+            raise TypeError(f"the {self.kind} unit {self.name!r} is run with Unit.step")
         if not params:
             return m(h)
         return functional_call(m, dict(params), (h,))
@@ -180,6 +199,8 @@ class Unit:
         if self.kind == "merge":
             block: Any = self.module  # a Residual
             return block.apply_activation(h + block.apply_shortcut(skips.pop(), local), local)
+        if self.kind == "fx":  # reads and rewrites the live values in ``skips`` itself
+            return self.module.step(h, local, skips)
         return self(h, local)
 
 
@@ -204,16 +225,25 @@ class Stage:
 class Staging:
     """A model as a chain of units grouped into stages, with the map from coordinates to units.
 
-    Build it with :meth:`from_model`; schedulers read it, nothing in it changes afterwards.
+    Build it with :meth:`from_model`; schedulers read it, nothing in it changes afterwards (but
+    ``checked``, set once a traced staging was compared with the model's own forward).
+    ``traced`` says whether it came from a ``torch.fx`` graph (:mod:`zoblackbox.staged_fx`), and
+    ``reason`` why a model is a single stage (``""`` otherwise).
     """
 
-    def __init__(self, units: Sequence[Unit], stages: Sequence[Stage], layout: ParamLayout, reason: str = ""):
+    def __init__(self, units: Sequence[Unit], stages: Sequence[Stage], layout: ParamLayout, reason: str = "",
+                 enclosing: Sequence[tuple[int, ...]] | None = None):
         self.units = tuple(units)
         self.stages = tuple(stages)
         self.layout = layout
-        self.reason = reason  # why a Sequential model fell back to a single stage ("" otherwise)
+        self.reason = reason  # why a model fell back to a single stage ("" otherwise)
+        self.traced = enclosing is not None  # staged from a torch.fx graph (checked once against the model)
+        self.checked = False
         owner = {full: u for u, unit in enumerate(self.units) for _, full in unit.params}
         self.tensor_unit = tuple(owner[name] for name in layout.names)
+        if enclosing is not None:  # a traced module: the live values at each unit's input, given
+            self.enclosing = tuple(tuple(e) for e in enclosing)
+            return
         open_blocks: list[int] = []
         enclosing = []  # per unit: the entries of the residual blocks open at its input
         for u, unit in enumerate(self.units):
@@ -230,7 +260,8 @@ class Staging:
 
         Args:
             params: layout name -> tensor (missing ones: the module's own values).
-            skips: inputs of the residual blocks open at ``start`` (``enclosing[start]``), outermost first.
+            skips: the live values at ``start``: the inputs of the units ``enclosing[start]`` (of a
+                Residual: the inputs of the blocks open there, outermost first).
         """
         stack = list(skips)
         for v in range(start, len(self.units) if stop is None else stop):
@@ -241,9 +272,14 @@ class Staging:
     def from_model(cls, model: nn.Module, layout: ParamLayout) -> Staging:
         """Stage ``model`` (module docstring) for the parameters of ``layout``.
 
+        Any other module is traced with ``torch.fx`` in its current mode (:func:`staging_of` and
+        :class:`StagedOracle` trace in the oracle's query mode); if that fails, it is one stage and a
+        :class:`StagingWarning` names the reason (also kept in :attr:`reason`).
+
         Raises:
             ConfigError: a :class:`StagedModel` whose stages share a parameter, or that has
-                optimized parameters outside its stages.
+                optimized parameters outside its stages; a module whose forward needs more than
+                one input.
         """
         if isinstance(model, StagedModel):
             groups = [(name, list(_chain(child, name))) for name, child in _applied(model)]
@@ -259,8 +295,13 @@ class Staging:
                 return staging
             reason = f"staged as one block: {problem}"
         else:
-            reason = (f"{type(model).__name__} is neither nn.Sequential, Residual nor StagedModel: "
-                      "staged as one block")
+            from .staged_fx import NotStaged, fx_staging
+
+            try:
+                return fx_staging(model, layout)
+            except NotStaged as exc:
+                reason = f"{type(model).__name__} is staged as one block (no feature reuse): {exc}"
+                warnings.warn(reason, StagingWarning, stacklevel=2)
         staging, problem = _build(model, layout, [("model", [("", model, None)])])
         assert staging is not None, problem  # one block holds every parameter
         staging.reason = reason
@@ -399,10 +440,63 @@ def staging_of(oracle) -> Staging | None:
     if not is_plain_module_oracle(oracle):
         return None
     if isinstance(oracle, StagedOracle):
+        oracle.staging = _checked(oracle.staging, oracle)
         return oracle.staging
     if oracle not in _STAGINGS:
-        _STAGINGS[oracle] = Staging.from_model(oracle.model, oracle.layout)
+        with oracle.query_mode():  # traced as queries run: dropout off, BatchNorm per bn_policy
+            _STAGINGS[oracle] = Staging.from_model(oracle.model, oracle.layout)
+    _STAGINGS[oracle] = _checked(_STAGINGS[oracle], oracle)
     return _STAGINGS[oracle]
+
+
+def _checked(staging: Staging, oracle) -> Staging:
+    """``staging``, or the one-stage staging (with a :class:`StagingWarning`) if a traced graph does
+    not reproduce the model's output on the oracle's batch (checked once, when a batch is set)."""
+    if not staging.traced or staging.checked or oracle.batch is None:
+        return staging
+    model, inputs = oracle.model, oracle.batch[0]
+    params = dict(model.named_parameters())
+    base = {n: params[n] for n in oracle.layout.names}
+    problem = ""
+    with torch.no_grad(), oracle.query_mode():
+        try:
+            expected = model(inputs)
+        except Exception:  # noqa: BLE001 - the model itself fails: every query fails on its own
+            return staging
+        try:
+            got = staging.run(inputs, base)
+        except Exception as exc:  # noqa: BLE001 - any failure of the traced graph means: do not use it
+            problem = f"the traced graph fails ({type(exc).__name__}: {exc})"
+        else:
+            problem = _output_difference(got, expected)
+    if not problem:
+        staging.checked = True
+        return staging
+    reason = f"{type(model).__name__} is staged as one block (no feature reuse): {problem}"
+    warnings.warn(reason, StagingWarning, stacklevel=3)
+    fallback, _ = _build(model, oracle.layout, [("model", [("", model, None)])])
+    assert fallback is not None  # one block holds every parameter
+    fallback.reason = reason
+    return fallback
+
+
+def _output_difference(got, expected) -> str:
+    """Why the traced graph's output ``got`` is not the model's ``expected`` ('' if it is, to rounding)."""
+    if not isinstance(expected, torch.Tensor):
+        return f"the model returns {type(expected).__name__}, not a tensor"
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or got.dtype != expected.dtype:
+        return "the traced graph's output has another type or shape than the model's"
+    finite = expected.isfinite()
+    if not torch.equal(got.isfinite(), finite) or not torch.equal(got.isinf(), expected.isinf()) or not torch.equal(
+            got[expected.isinf()], expected[expected.isinf()]):
+        return "the traced graph's output differs from the model's (where it is not finite)"
+    scale = float(expected[finite].abs().max()) if bool(finite.any()) else 0.0
+    tol = 64 * torch.finfo(expected.dtype).eps * (1.0 + scale) if expected.is_floating_point() else 0.0
+    diff = float((got[finite] - expected[finite]).abs().max()) if bool(finite.any()) else 0.0
+    if diff > tol:
+        return (f"the traced graph's output differs from the model's by {diff:.3g} (the forward depends on "
+                "something the trace fixed, e.g. an in-place update or a Python attribute)")
+    return ""
 
 
 def is_plain_module_oracle(oracle) -> bool:
@@ -425,13 +519,27 @@ class StagedOracle(ModuleOracle):
 
     Args:
         model: an ``nn.Sequential``, a :class:`StagedModel`, a :class:`Residual`, or any module
-            (one stage).
+            (staged from its ``torch.fx`` graph; one stage where it cannot be traced).
         loss_fn, params, **kwargs: as in :class:`~zoblackbox.torch_module.ModuleOracle`.
     """
 
     def __init__(self, model: nn.Module, loss_fn, params=None, **kwargs):
         super().__init__(model, loss_fn, params, **kwargs)
-        self.staging = Staging.from_model(model, self.layout)
+        with self.query_mode():  # a traced module is traced as queries run
+            staging = Staging.from_model(model, self.layout)
+        self.staging = _checked(staging, self)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        if self.staging.traced:  # fx graphs do not pickle: traced again when unpickled
+            state["staging"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.staging is None:
+            with self.query_mode():
+                self.staging = Staging.from_model(self.model, self.layout)
 
     def __repr__(self) -> str:
         budget = "" if self.budget is None else f", budget={self.budget}"

@@ -357,6 +357,8 @@ class _StepCache:
                 x = unit(x, params)
             elif unit.kind == "batchnorm" and _batchnorm_is_stateless(unit):
                 x = self._stacked_batchnorm(unit, x, params, k)
+            elif unit.kind == "fx":  # a traced graph segment: reads and rewrites the live values itself
+                x = unit.module.stacked_step(x, params, skips, k, self.acts[v], self.acts[v + 1])
             else:
                 x = _per_query(lambda t, u=unit, p=params: u(t, p), x, k)
         return x.unflatten(0, (k, -1))
