@@ -96,3 +96,45 @@ def test_every_scheduler_matches_the_serial_reference(scheduler, problem, estima
         assert got.grad.dtype == torch.float32
         tol = 8 * EPS32 * max(abs(ref.f0 or 3.0), 1.0) / est.mu
         assert float((got.grad - ref.grad).abs().max()) <= tol
+
+
+class _InPlaceSum(torch.nn.Module):
+    """torchvision's ``out += shortcut(x)``: under vmap the unbatched left side cannot take a batched right side."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = self.a(x)
+        out += self.b(x)
+        return self.head(out)
+
+
+def test_in_place_add_that_vmap_cannot_batch_falls_back_to_one_by_one():
+    torch.manual_seed(0)
+    batch = (torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    oracle = ModuleOracle(_InPlaceSum().double(), F.cross_entropy, batch=batch)
+    x = oracle.get_params()
+    ref = CoordinateEstimator(mu=1e-3).estimate(oracle, x, scheduler=SerialScheduler())
+    with pytest.warns(UserWarning, match="cannot be vmapped.*broadcast shape"):
+        got = CoordinateEstimator(mu=1e-3).estimate(oracle, x, scheduler=VectorizedScheduler())
+    assert oracle.failure_report()["failed_queries"] == 0
+    assert float((got.grad - ref.grad).norm() / ref.grad.norm()) <= 1e-10
+
+
+def test_a_model_error_is_not_mistaken_for_a_vmap_limit():
+    """A forward that fails for every query still fails (the error is the model's, not vmap's)."""
+
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.w(x) @ torch.ones(5, 2, dtype=x.dtype)  # (B, 3) @ (5, 2): a shape error
+
+    batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    oracle = ModuleOracle(Broken(), F.cross_entropy, batch=batch)
+    with pytest.raises(Exception, match="shapes cannot be multiplied|size mismatch|mat1 and mat2"):
+        CoordinateEstimator(mu=1e-3).estimate(oracle, oracle.get_params(), scheduler=VectorizedScheduler())

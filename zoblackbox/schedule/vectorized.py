@@ -182,7 +182,10 @@ def query_losses(forward: Callable, batched, loss: QueryLoss, model: torch.nn.Mo
         try:
             return loss.stacked(vmap(forward)(batched))
         except RuntimeError as exc:
-            if not is_vmap_error(exc):
+            # vmap's own errors name it; others (an in-place ``out += f(x)`` whose left side is not
+            # batched: "output with shape ... doesn't match the broadcast shape") show when the
+            # first query alone runs: the model works, only not under vmap
+            if not (is_vmap_error(exc) or _runs_alone(forward, batched, loss)):
                 raise
             _UNVMAPPABLE.add(model)
             warnings.warn(f"{type(model).__name__} cannot be vmapped ({exc}); evaluating its queries one by one",
@@ -190,6 +193,16 @@ def query_losses(forward: Callable, batched, loss: QueryLoss, model: torch.nn.Mo
     if isinstance(batched, dict):
         return torch.stack([loss(forward({n: t[i] for n, t in batched.items()})) for i in range(k)])
     return torch.stack([loss(forward(t)) for t in batched])
+
+
+def _runs_alone(forward: Callable, batched, loss: QueryLoss) -> bool:
+    """Whether the first query of ``batched`` evaluates without vmap."""
+    one = {n: t[0] for n, t in batched.items()} if isinstance(batched, dict) else batched[0]
+    try:
+        loss.single(forward(one))
+    except Exception:  # noqa: BLE001 - any failure: the error is the model's, not vmap's
+        return False
+    return True
 
 
 class PlanRecorder:
