@@ -501,3 +501,93 @@ def test_module_is_left_untouched(digits):
         CoordinateEstimator().estimate(oracle, x, scheduler=make())
     for n, p in oracle.model.named_parameters():
         assert torch.equal(p, before[n])
+
+
+# ---------------------------------------------------------------------------- bands through residual blocks
+def every_tensor_coords(oracle, per_tensor, seed=0):
+    """``per_tensor`` random coordinates of every parameter tensor (all of a smaller one)."""
+    return spread_coords(oracle, per_tensor=per_tensor, seed=seed)
+
+
+@pytest.mark.parametrize("max_chunk", [1, 4, None])
+def test_resnet20_float64_every_layer_matches_serial(max_chunk):
+    """Sampled coordinates of every parameter tensor of ResNet-20 (float64): losses and gradient as
+    the serial reference's, for one query per chunk, small chunks and calibrated ones."""
+    torch.manual_seed(0)
+    model = resnet20().double()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    oracle = StagedOracle(model, F.cross_entropy, batch=(x, torch.tensor([3, 7, 1])))
+    coords = every_tensor_coords(oracle, per_tensor=3)
+    assert len(set(oracle.layout.block_index(coords).tolist())) == len(oracle.layout.names)
+    est = CoordinateEstimator()
+    plan = est.plan(oracle.get_params(), coords)
+    ref, _ = losses(oracle, plan, SerialScheduler())
+    got, n = losses(oracle, plan, FeatureReuseScheduler(max_chunk=max_chunk))
+    assert n == len(plan)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=0)
+    assert rel(est.combine(plan, got).grad, est.combine(plan, ref).grad) <= 1e-10
+
+
+def test_resnet20_bands_cross_the_residual_merge_and_the_next_block_entry():
+    """A perturbed second convolution (or BatchNorm) of a block changes one channel of the block's
+    output: the band passes the merge and the next block's entry, and the next block's first
+    convolution absorbs it (its skip input carries the band until that block's merge)."""
+    torch.manual_seed(0)
+    model = resnet20().double()
+    oracle = StagedOracle(model, F.cross_entropy, batch=(torch.randn(2, 3, 8, 8, dtype=torch.float64),
+                                                         torch.tensor([0, 1])))
+    from zoblackbox.schedule.reuse import _dense_start, _skip_entry, _StepCache
+
+    staging = oracle.staging
+    names = [u.name for u in staging.units]
+    with torch.no_grad(), oracle.query_mode():  # BatchNorm in query mode: batch statistics, no state
+        step = _StepCache(staging, oracle, oracle.layout.unflatten(oracle.get_params()), *oracle.batch)
+        for tensor, block, nxt in [("layer1_0.body.3.weight", "layer1_0", "layer1_1"),
+                                   ("layer1_2.body.4.bias", "layer1_2", "layer2_0"),  # padding shortcut next
+                                   ("stem.0.weight", "stem", "layer1_0")]:
+            unit = staging.tensor_unit[oracle.layout.names.index(tensor)]
+            route = step.route(unit, tensor)
+            ops = [op for op, _ in route]
+            assert "enter" in ops and route[-1][0] == "receive", (tensor, route)
+            assert ("merge" in ops) == (block != "stem")
+            assert names[route[-1][1]] == f"{nxt}.body.0" and names[_skip_entry(route)] == nxt
+            assert _dense_start(route) == route[-1][1] + 1
+        last = staging.tensor_unit[oracle.layout.names.index("layer3_2.body.3.weight")]
+        route = step.route(last, "layer3_2.body.3.weight")  # last block: through the merge into the classifier
+    assert [op for op, _ in route] == ["batchnorm", "merge", "pool", "flatten", "receive"]
+
+
+def bn_cnn():
+    """A BatchNorm CNN with a residual block (identity shortcut), one with a projection shortcut whose
+    merge has no activation, and a nested block whose band cannot pass an inner entry."""
+    inner = Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)), activation=nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                               nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)), activation=nn.ReLU()),
+        Residual(nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), inner),
+                 activation=nn.Tanh()),
+        Residual(nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6)),
+                 shortcut=nn.Sequential(nn.Conv2d(4, 6, 1, stride=2), nn.BatchNorm2d(6))),
+        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(24, 10),
+    ).double()
+
+
+@pytest.mark.parametrize("bn_policy", ["batch", "eval"])
+@pytest.mark.parametrize("max_chunk", [1, 5])
+def test_batchnorm_cnn_float64_every_layer_matches_serial(digits, bn_policy, max_chunk):
+    torch.manual_seed(0)
+    model = bn_cnn()
+    x, y = digits
+    with torch.no_grad():
+        model.train()
+        model(x[:32].double())
+    oracle = ModuleOracle(model, F.cross_entropy, batch=(x[:24].double(), y[:24]), bn_policy=bn_policy)
+    coords = every_tensor_coords(oracle, per_tensor=5, seed=1)
+    assert len(set(oracle.layout.block_index(coords).tolist())) == len(oracle.layout.names)
+    est = CoordinateEstimator()
+    plan = est.plan(oracle.get_params(), coords)
+    ref, _ = losses(oracle, plan, SerialScheduler())
+    got, _ = losses(oracle, plan, FeatureReuseScheduler(max_chunk=max_chunk))
+    assert torch.allclose(got, ref, rtol=1e-12, atol=0)
+    assert rel(est.combine(plan, got).grad, est.combine(plan, ref).grad) <= 1e-10

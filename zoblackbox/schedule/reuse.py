@@ -162,7 +162,7 @@ class FeatureReuseScheduler(Scheduler):
         layout = oracle.layout
         itemsize = torch.empty((), dtype=oracle.dtype).element_size()
         base_idx: torch.Tensor | None = None
-        by_start: dict[int, list] = {}
+        by_start: dict[tuple[int, int | None], list] = {}
         jobs: list[_RestartJob | _DeltaJob] = []
         for tensors, idx in query_groups(plan, layout):
             if not tensors:
@@ -176,8 +176,8 @@ class FeatureReuseScheduler(Scheduler):
                 size = self._capacity(oracle, staging, step.peak_from(unit), batched, itemsize, unit)
                 jobs.append(_RestartJob(tensors, unit, idx, size))
             else:
-                by_start.setdefault(_dense_start(route), []).append((unit, route, idx))
-        for start, members in sorted(by_start.items()):
+                by_start.setdefault((_dense_start(route), _skip_entry(route)), []).append((unit, route, idx))
+        for (start, _), members in sorted(by_start.items(), key=lambda item: (item[0][0], item[0][1] or -1)):
             # per query: the band (one channel of the perturbed layer's output), then the dense forward
             band = max(step.band_numel(unit) for unit, _, _ in members)
             first = min(unit for unit, _, _ in members)
@@ -230,13 +230,28 @@ class _DeltaJob:
 
             def compute(parts=parts):
                 inputs = [step.dense_input(plan, oracle.layout, c, unit, route) for c, unit, route in parts]
-                return step.dense_losses(self.start, _cat(inputs))
+                skips = [skip for _, skip in inputs]
+                skip = None if skips[0] is None else _cat_bands(skips)
+                return step.dense_losses(self.start, _cat([h for h, _ in inputs]), skip)
 
             yield chunk, compute
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _cat_bands(bands: list) -> _Band:
+    """Bands of the same activation (same width and dimension) of several query groups, stacked."""
+    first = bands[0]
+    if len(bands) == 1:
+        return first
+    return _Band(torch.cat([b.values for b in bands]), torch.cat([b.start for b in bands]), first.width, first.dim)
+
+
+def _skip_entry(route: list) -> int | None:
+    """The block entry whose skip input a route's band passes through (``None``: no skip band)."""
+    return next((v for op, v in route[:-1] if op == "enter"), None)
 
 
 def _dense_start(route: list) -> int:
@@ -257,6 +272,14 @@ class _Band:
     start: torch.Tensor
     width: int
     dim: int
+
+
+@dataclass
+class _BandedSkip:
+    """The skip input of a residual block for ``K`` queries: the cached one, differing by a band."""
+
+    cached: torch.Tensor
+    band: _Band
 
 
 def _gather_band(a: torch.Tensor, dim: int, start: torch.Tensor, width: int) -> torch.Tensor:
@@ -316,27 +339,36 @@ class _StepCache:
         return y.numel() // max(1, y.shape[-1] if self.staging.units[u].kind == "linear" else y.shape[1])
 
     # ------------------------------------------------------------------ dense evaluation
-    def tail(self, start: int, h, overrides: dict):
+    def tail(self, start: int, h, overrides: dict, innermost_skip: torch.Tensor | None = None):
         """Model output after running units ``start..`` on ``h`` (parameters: base, or ``overrides``
-        by layout name); residual blocks open at ``start`` take their skip input from the cache."""
+        by layout name); residual blocks open at ``start`` take their skip input from the cache
+        (the innermost one ``innermost_skip`` if given)."""
         params = {**self.base, **overrides} if overrides else self.base
         skips = [self.acts[e] for e in self.staging.enclosing[start]]
+        if innermost_skip is not None:
+            skips[-1] = innermost_skip
         return self.staging.run(h, params, start, skips=skips)
 
     def generic_losses(self, u: int, batched: dict) -> torch.Tensor:
         """Losses of queries that perturb the given tensors (batched, by layout name), from unit ``u`` on."""
         return query_losses(lambda p: self.tail(u, self.acts[u], p), batched, self.loss, self.model)
 
-    def dense_losses(self, start: int, h: torch.Tensor) -> torch.Tensor:
-        """Losses of stacked inputs ``h`` (``(K, ...)``) of unit ``start``, run to the end."""
+    def dense_losses(self, start: int, h: torch.Tensor, skip: _Band | None = None) -> torch.Tensor:
+        """Losses of stacked inputs ``h`` (``(K, ...)``) of unit ``start``, run to the end; ``skip``:
+        the band by which the innermost open residual block's skip input differs from the cached one."""
         if start == len(self.staging.units):
             return self.loss.stacked(h)
         if h.shape[0] == 1 or known_unvmappable(self.model):
-            return query_losses(lambda x: self.tail(start, x, {}), h, self.loss, self.model)
-        return self.loss.stacked(self._stacked_forward(start, h))
+            if skip is None:
+                return query_losses(lambda x: self.tail(start, x, {}), h, self.loss, self.model)
+            entry = self.staging.enclosing[start][-1]
+            both = {"h": h, "skip": _densify(self.acts[entry], skip)}
+            return query_losses(lambda d: self.tail(start, d["h"], {}, d["skip"]), both, self.loss, self.model)
+        return self.loss.stacked(self._stacked_forward(start, h, skip))
 
     # ------------------------------------------------------------------ the stacked K x B forward
-    def _stacked_forward(self, start: int, h: torch.Tensor) -> torch.Tensor:
+    def _stacked_forward(self, start: int, h: torch.Tensor, skip: _Band | None = None,
+                         stop: int | None = None) -> torch.Tensor:
         """Units ``start..`` on ``K`` queries' inputs ``h`` (``(K, B, ...)``) run as one ``K * B`` batch.
 
         Layers that treat every sample alike (convolutions, linear layers, activations, pooling)
@@ -346,8 +378,10 @@ class _StepCache:
         """
         k = h.shape[0]
         x = h.flatten(0, 1)
-        skips = [self.acts[e] for e in self.staging.enclosing[start]]  # cached: (B, ...), shared by all queries
-        for v in range(start, len(self.staging.units)):
+        skips: list = [self.acts[e] for e in self.staging.enclosing[start]]  # cached: (B, ...), shared by all queries
+        if skip is not None:
+            skips[-1] = _BandedSkip(skips[-1], skip)
+        for v in range(start, len(self.staging.units) if stop is None else stop):
             unit, params = self.staging.units[v], self._local(v)
             if unit.kind == "enter":
                 skips.append(x)
@@ -366,22 +400,38 @@ class _StepCache:
         m = unit.module
         if not (m.training or (m.running_mean is None and m.running_var is None)):
             return unit(x, params)  # running statistics: the same affine map for every sample
+        weight, bias = unit.tensor("weight", params), unit.tensor("bias", params)
+        if k == 1:
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, m.eps)
         v = x.unflatten(0, (k, -1))  # (K, B, C, ...)
         dims = [1] + list(range(3, v.dim()))
-        mean = v.mean(dims, keepdim=True)
-        out = (v - mean) * torch.rsqrt((v - mean).square().mean(dims, keepdim=True) + m.eps)
-        shape = [1, 1, -1] + [1] * (v.dim() - 3)
-        weight, bias = unit.tensor("weight", params), unit.tensor("bias", params)
+        var, mean = torch.var_mean(v, dims, correction=0, keepdim=True)  # (K, 1, C, 1...): per query
+        scale = torch.rsqrt(var + m.eps)
         if weight is not None:
-            out = out * weight.view(shape)
+            scale = scale * weight.view([1, 1, -1] + [1] * (v.dim() - 3))
+        shift = -mean * scale
         if bias is not None:
-            out = out + bias.view(shape)
-        return out.flatten(0, 1)
+            shift = shift + bias.view([1, 1, -1] + [1] * (v.dim() - 3))
+        return torch.addcmul(shift, v, scale).flatten(0, 1)  # one pass: v * scale + shift
 
     @staticmethod
-    def _stacked_merge(unit: Unit, x: torch.Tensor, skip: torch.Tensor, params: dict, k: int) -> torch.Tensor:
+    def _stacked_merge(unit: Unit, x: torch.Tensor, skip: torch.Tensor | _BandedSkip, params: dict,
+                       k: int) -> torch.Tensor:
         """``activation(x + shortcut(skip))`` of a residual block; ``skip`` is cached (shared) or stacked."""
         block = unit.module
+        if isinstance(skip, _BandedSkip):
+            if type(block.shortcut) is not nn.Identity:  # the shortcut of every query's own skip input
+                skip = _densify(skip.cached, skip.band).flatten(0, 1)
+            else:  # cached skip for all, plus each query's band
+                out = x.unflatten(0, (k, -1)) + skip.cached
+                band = skip.band
+                delta = band.values - _gather_band(skip.cached, 1, band.start, band.width)
+                idx = (band.start[:, None] + torch.arange(band.width, device=x.device))
+                idx = idx.reshape(k, 1, band.width, *[1] * (delta.dim() - 3)).expand_as(delta)
+                out = out.scatter_add_(2, idx, delta).flatten(0, 1)
+                act = block.activation
+                return act(out) if unit_kind(act) == "elementwise" else _per_query(
+                    lambda t: block.apply_activation(t, params), out, k)
         shared = skip.shape[0] != x.shape[0]
         if type(block.shortcut) is nn.Identity:
             s = skip
@@ -410,7 +460,8 @@ class _StepCache:
         dim = _band_start_dim(unit, acts[u], acts[u + 1])
         if dim is None:
             return None
-        steps = []
+        steps: list = []
+        entered = None  # position in steps of the block entry the band passed (its skip carries the band)
         for v in range(u + 1, len(units)):
             if not isinstance(acts[v], torch.Tensor):
                 return None
@@ -418,13 +469,28 @@ class _StepCache:
             if kind == "elementwise" or (kind in ("pool", "flatten") and dim == 1) or (
                     kind == "batchnorm" and dim == 1 and _batchnorm_is_stateless(units[v])):
                 steps.append((kind, v))
+            elif kind == "merge" and dim == 1 and entered is None and _merge_carries(units[v]):
+                steps.append((kind, v))  # the block's own skip input is cached: the band stays a band
+            elif kind == "enter" and dim == 1 and entered is None:
+                entered = len(steps)
+                steps.append((kind, v))
+            elif _receives(units[v], acts[v], dim):
+                return steps + [("receive", v)]
             else:
-                return steps + [("receive" if _receives(units[v], acts[v], dim) else "densify", v)]
-        return steps + [("densify", len(units))] if isinstance(acts[-1], torch.Tensor) else None
+                break
+        else:
+            if not isinstance(acts[-1], torch.Tensor):
+                return None
+            v = len(units)
+        if entered is not None:  # the skip holds the band until the block's merge: densify at the entry
+            return steps[:entered] + [("densify", steps[entered][1])]
+        return steps + [("densify", v)]
 
-    def dense_input(self, plan: QueryPlan, layout, chunk: torch.Tensor, u: int, route: list) -> torch.Tensor:
+    def dense_input(self, plan: QueryPlan, layout, chunk: torch.Tensor, u: int,
+                    route: list) -> tuple[torch.Tensor, _Band | None]:
         """The stacked input ``(K, ...)`` of unit ``_dense_start(route)`` for coordinate steps (plan
-        queries ``chunk``) that all perturb one tensor of unit ``u``: explicit delta, carried band."""
+        queries ``chunk``) that all perturb one tensor of unit ``u`` (explicit delta, carried band),
+        and the band of the skip input of the residual block the route entered (or ``None``)."""
         rows = chunk.to(plan.base.device) - int(plan.include_base)
         assert plan.coords is not None and plan.offsets is not None  # a coordinate plan
         coords = plan.coords[rows]
@@ -435,10 +501,14 @@ class _StepCache:
         h = (moved - plan.base[coords].to(dtype)).to(self.acts[u].device)
         flat = (coords - lo).to(self.acts[u].device)
         band = self._start(u, name, flat, h)
+        skip = None
         for op, v in route[:-1]:
-            band = self._carry(op, v, band)
+            if op == "enter":
+                skip = band  # the block's skip input: the cached one with this band
+            else:
+                band = self._carry(op, v, band)
         end, v = route[-1]
-        return self._receive(v, band) if end == "receive" else _densify(self.acts[v], band)
+        return (self._receive(v, band) if end == "receive" else _densify(self.acts[v], band)), skip
 
     def _start(self, u: int, name: str, flat: torch.Tensor, h: torch.Tensor) -> _Band:
         unit = self.staging.units[u]
@@ -495,6 +565,9 @@ class _StepCache:
         if op == "flatten":
             per_channel = math.prod(values.shape[3:])
             return _Band(values.reshape(k, b, -1), band.start * per_channel, band.width * per_channel, 1)
+        if op == "merge":  # activation(band + shortcut(cached skip)[band])
+            shortcut = _gather_band(self._shortcut(v), 1, band.start, band.width)
+            return _Band(unit.module.activation(values + shortcut), band.start, band.width, band.dim)
         return _Band(self._batchnorm_band(v, values, band), band.start, band.width, band.dim)
 
     def _local(self, v: int) -> dict:
@@ -548,6 +621,14 @@ class _StepCache:
         conv = _CONV_FN[len(m.kernel_size)]
         out = conv(x, wb.reshape(-1, w, *wb.shape[3:]), None, m.stride, m.padding, m.dilation, k)
         return out.reshape(y.shape[0], k, *y.shape[1:]).movedim(1, 0).contiguous().add_(y)
+
+    def _shortcut(self, v: int) -> torch.Tensor:
+        """``shortcut(skip)`` of merge unit ``v`` at the base point (the skip is the block's cached input)."""
+        key = ("shortcut", v)
+        if key not in self._extras:
+            entry = self.staging.enclosing[v][-1]
+            self._extras[key] = self.staging.units[v].module.apply_shortcut(self.acts[entry], self._local(v))
+        return self._extras[key]
 
     def _xhat(self, u: int) -> torch.Tensor:
         """The normalized (pre-affine) output of BatchNorm unit ``u`` at the base point."""
@@ -604,6 +685,11 @@ def _receives(unit: Unit, a: torch.Tensor, dim: int) -> bool:
         return dim == a.dim() - 1
     m = unit.module
     return unit.kind == "conv" and dim == 1 and m.groups == 1 and a.dim() == len(m.kernel_size) + 2
+
+
+def _merge_carries(unit: Unit) -> bool:
+    """Whether a band of a residual block's body passes its merge as a band (elementwise activation)."""
+    return unit_kind(unit.module.activation) == "elementwise"
 
 
 def _batchnorm_is_stateless(unit: Unit) -> bool:
