@@ -24,7 +24,9 @@ the first stage their directions touch. Oracles that are not module oracles are 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -55,12 +57,21 @@ from .vectorized import (
     query_losses,
 )
 
-__all__ = ["REUSE_CPU_CACHE_BYTES", "FeatureReuseScheduler"]
+__all__ = ["AUTO", "REUSE_CPU_CACHE_BYTES", "FeatureReuseScheduler"]
 
 #: default bytes of a reuse chunk's largest activation on a CPU: about a core's L2 cache. Reuse
 #: runs shared-weight layers on the stacked K x B batch, which slows down per query once it spills
 #: out of L2 (measured on a 2-core EPYC: ResNet-20 best at 1-2 MiB, the digits CNN at 2-4 MiB).
 REUSE_CPU_CACHE_BYTES = 2 * 2**20
+#: ``cpu_cache_bytes=AUTO`` (the default): on a CPU, chunk sizes of explicit-delta queries are measured
+#: per stage (a short calibration, cached per model shape, batch shape, dtype, device and thread count);
+#: queries restarted with batched parameters keep the ``REUSE_CPU_CACHE_BYTES`` cap
+AUTO = "auto"
+#: chunk sizes the calibration times (up to the scheduler's ``max_chunk`` and memory budget)
+CALIBRATION_CHUNKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: a calibration stops growing a stage's chunk once one timing takes longer than this (seconds)
+CALIBRATION_MAX_SECONDS = 0.25
+_CALIBRATIONS: dict = {}  # key -> _Calibration (see _Calibration.key)
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -80,8 +91,12 @@ class FeatureReuseScheduler(Scheduler):
         estimated bytes per query of the stage the chunk starts at.
     max_chunk : int or None, default None
         Most queries per chunk, ``>= 1`` (``None``: 256 on a CPU, 4096 on CUDA).
-    cpu_cache_bytes : int or None, default 2097152
-        On a CPU, most bytes of a chunk's largest activation (2 MiB); ``None``: no limit.
+    cpu_cache_bytes : int, None or "auto", default "auto"
+        On a CPU, how big a chunk is. ``"auto"``: queries with explicit deltas run in the chunk size
+        measured fastest per stage by a short calibration (a few stacked forwards of every stage at
+        1, 2, 4, ... queries; cached per model shape, batch shape, dtype, device and thread count),
+        other queries keep a chunk's largest activation to 2 MiB (``REUSE_CPU_CACHE_BYTES``). An int:
+        most bytes of a chunk's largest activation, no calibration; ``None``: no limit.
     explicit_deltas : bool, default True
         Form the outputs of perturbed ``Linear``/``Conv2d``/``BatchNorm`` layers from explicit
         deltas; ``False`` restarts the forward at the perturbed layer with batched weights instead.
@@ -116,10 +131,10 @@ class FeatureReuseScheduler(Scheduler):
     """
 
     def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET, *, max_chunk: int | None = None,
-                 cpu_cache_bytes: int | None = REUSE_CPU_CACHE_BYTES, explicit_deltas: bool = True):
+                 cpu_cache_bytes: int | None | str = AUTO, explicit_deltas: bool = True):
         self.memory_budget = check_memory_budget(memory_budget)
         self.max_chunk = check_max_chunk(max_chunk)
-        self.cpu_cache_bytes = check_cache_bytes(cpu_cache_bytes)
+        self.cpu_cache_bytes = cpu_cache_bytes if cpu_cache_bytes == AUTO else check_cache_bytes(cpu_cache_bytes)
         self.explicit_deltas = bool(explicit_deltas)
 
     def __repr__(self) -> str:
@@ -177,21 +192,100 @@ class FeatureReuseScheduler(Scheduler):
                 jobs.append(_RestartJob(tensors, unit, idx, size))
             else:
                 by_start.setdefault((_dense_start(route), _skip_entry(route)), []).append((unit, route, idx))
+        calibrated = self.cpu_cache_bytes == AUTO and oracle.device.type == "cpu"
         for (start, _), members in sorted(by_start.items(), key=lambda item: (item[0][0], item[0][1] or -1)):
             # per query: the band (one channel of the perturbed layer's output), then the dense forward
             band = max(step.band_numel(unit) for unit, _, _ in members)
             first = min(unit for unit, _, _ in members)
-            size = self._capacity(oracle, staging, max(band, step.peak_from(start)), 0, itemsize, first)
+            activation = max(band, step.peak_from(start))
+            size = self._capacity(oracle, staging, activation, 0, itemsize, first, cache=not calibrated)
+            if calibrated and start < len(staging.units):
+                size = min(size, self.calibration(oracle, staging, step).chunk(staging.units[start].stage, size))
             jobs.append(_DeltaJob(start, members, size))
         return base_idx, jobs
 
-    def _capacity(self, oracle, staging: Staging, activation: int, batched: int, itemsize: int, unit: int) -> int:
+    def _capacity(self, oracle, staging: Staging, activation: int, batched: int, itemsize: int, unit: int,
+                  cache: bool = True) -> int:
         """Queries per chunk whose largest activation has ``activation`` elements per query, with
-        ``batched`` batched parameters per query (``unit``: where the queries start, for messages)."""
+        ``batched`` batched parameters per query (``unit``: where the queries start, for messages);
+        ``cache``: also keep to the CPU cache size (``cpu_cache_bytes``, or its default for ``"auto"``)."""
         act_bytes = itemsize * activation
+        cache_bytes = REUSE_CPU_CACHE_BYTES if isinstance(self.cpu_cache_bytes, str) else self.cpu_cache_bytes
         return chunk_capacity(self.memory_budget, itemsize * batched + ACTIVATION_FACTOR * act_bytes,
                               oracle.device, self.max_chunk, f"stage {staging.stages[staging.units[unit].stage].name!r}",
-                              cache_bytes=self.cpu_cache_bytes, activation_bytes=act_bytes)
+                              cache_bytes=cache_bytes if cache else None, activation_bytes=act_bytes)
+
+    def calibration(self, oracle, staging: Staging, step: _StepCache) -> _Calibration:
+        """The measured per-query cost of every stage at several chunk sizes (cached; see ``AUTO``)."""
+        itemsize = torch.empty((), dtype=oracle.dtype).element_size()
+        caps = []  # per stage: the largest chunk the memory budget and max_chunk allow
+        for stage in staging.stages:
+            first = stage.units[0]
+            activation = step.peak_from(first)
+            caps.append(self._capacity(oracle, staging, activation, 0, itemsize, first, cache=False))
+        key = _Calibration.key(step, oracle, tuple(caps))
+        if key not in _CALIBRATIONS:
+            _CALIBRATIONS[key] = _Calibration(step, caps)
+        return _CALIBRATIONS[key]
+
+
+class _Calibration:
+    """Seconds per query of every stage's stacked forward at the chunk sizes ``CALIBRATION_CHUNKS``.
+
+    Measured once per key (model shape, batch shape, dtype, device, threads, chunk caps) on the
+    cached base-point activations: per stage (stages of the same shape once), the faster of two
+    stacked forwards at 1, 2, 4, ... queries, stopping when a chunk size is 15% slower per query
+    than the best one or one forward takes more than ``CALIBRATION_MAX_SECONDS``. A chunk that
+    starts in stage ``s`` runs stages ``s..L`` with one chunk size: the one with the least summed
+    cost.
+    """
+
+    def __init__(self, step: _StepCache, caps: list[int]):
+        staging = step.staging
+        self.per_query: list[dict[int, float]] = []
+        measured: dict = {}  # stages of the same shape (the repeated blocks of a ResNet) are timed once
+        begin = time.perf_counter()
+        for stage, cap in zip(staging.stages, caps):
+            first, stop = stage.units[0], stage.units[-1] + 1
+            h0 = step.acts[first]
+            shape = (tuple(staging.units[u].kind for u in stage.units), cap, staging.enclosing[first],
+                     tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in step.acts[first:stop + 1]))
+            if shape in measured:
+                self.per_query.append(measured[shape])
+                continue
+            costs: dict[int, float] = {}
+            if isinstance(h0, torch.Tensor):
+                best = math.inf
+                for k in (c for c in CALIBRATION_CHUNKS if c <= cap):
+                    h = h0.unsqueeze(0).expand(k, *h0.shape).contiguous()
+                    run = partial(step.stacked_forward, first, h, stop=stop)
+                    times = [_timed(run) for _ in range(2)]
+                    costs[k] = min(times) / k
+                    best = min(best, costs[k])
+                    if costs[k] > 1.15 * best or max(times) > CALIBRATION_MAX_SECONDS:
+                        break
+            measured[shape] = costs or {1: 0.0}
+            self.per_query.append(measured[shape])
+        self.seconds = time.perf_counter() - begin
+
+    @staticmethod
+    def key(step: _StepCache, oracle, caps: tuple[int, ...]) -> tuple:
+        shapes = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in step.acts)
+        kinds = tuple(u.kind for u in step.staging.units)
+        return (shapes, kinds, oracle.dtype, str(oracle.device), torch.get_num_threads(), caps)
+
+    def chunk(self, stage: int, cap: int) -> int:
+        """The chunk size (at most ``cap``) with the least measured cost for stages ``stage..L``."""
+        tail = self.per_query[stage:]
+        common = set(tail[0]).intersection(*tail[1:])
+        sizes = sorted(k for k in common if k <= cap) or [1]
+        return min(sizes, key=lambda k: sum(costs.get(k, 0.0) for costs in tail))
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 @dataclass
@@ -364,11 +458,11 @@ class _StepCache:
             entry = self.staging.enclosing[start][-1]
             both = {"h": h, "skip": _densify(self.acts[entry], skip)}
             return query_losses(lambda d: self.tail(start, d["h"], {}, d["skip"]), both, self.loss, self.model)
-        return self.loss.stacked(self._stacked_forward(start, h, skip))
+        return self.loss.stacked(self.stacked_forward(start, h, skip))
 
     # ------------------------------------------------------------------ the stacked K x B forward
-    def _stacked_forward(self, start: int, h: torch.Tensor, skip: _Band | None = None,
-                         stop: int | None = None) -> torch.Tensor:
+    def stacked_forward(self, start: int, h: torch.Tensor, skip: _Band | None = None,
+                        stop: int | None = None) -> torch.Tensor:
         """Units ``start..`` on ``K`` queries' inputs ``h`` (``(K, B, ...)``) run as one ``K * B`` batch.
 
         Layers that treat every sample alike (convolutions, linear layers, activations, pooling)
@@ -390,29 +484,40 @@ class _StepCache:
             elif unit.kind in ("conv", "linear", "elementwise", "pool", "flatten"):
                 x = unit(x, params)
             elif unit.kind == "batchnorm" and _batchnorm_is_stateless(unit):
-                x = self._stacked_batchnorm(unit, x, params, k)
+                x = self._stacked_batchnorm(v, unit, x, params, k)
             else:
                 x = _per_query(lambda t, u=unit, p=params: u(t, p), x, k)
         return x.unflatten(0, (k, -1))
 
-    @staticmethod
-    def _stacked_batchnorm(unit: Unit, x: torch.Tensor, params: dict, k: int) -> torch.Tensor:
+    def _stacked_batchnorm(self, v: int, unit: Unit, x: torch.Tensor, params: dict, k: int) -> torch.Tensor:
         m = unit.module
         if not (m.training or (m.running_mean is None and m.running_var is None)):
             return unit(x, params)  # running statistics: the same affine map for every sample
         weight, bias = unit.tensor("weight", params), unit.tensor("bias", params)
         if k == 1:
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, m.eps)
-        v = x.unflatten(0, (k, -1))  # (K, B, C, ...)
-        dims = [1] + list(range(3, v.dim()))
-        var, mean = torch.var_mean(v, dims, correction=0, keepdim=True)  # (K, 1, C, 1...): per query
+        # per query and channel over (B, ...): sums of the values shifted by the base point's channel
+        # means (so that E[d^2] - E[d]^2 does not cancel), then one pass d * scale + shift
+        d = x.unflatten(0, (k, -1)) - self._channel_mean(v)  # (K, B, C, ...)
+        dims = [1] + list(range(3, d.dim()))
+        mean = d.mean(dims, keepdim=True)
+        var = (d.square().mean(dims, keepdim=True) - mean.square()).clamp_min_(0)
         scale = torch.rsqrt(var + m.eps)
         if weight is not None:
-            scale = scale * weight.view([1, 1, -1] + [1] * (v.dim() - 3))
+            scale = scale * weight.view([1, 1, -1] + [1] * (d.dim() - 3))
         shift = -mean * scale
         if bias is not None:
-            shift = shift + bias.view([1, 1, -1] + [1] * (v.dim() - 3))
-        return torch.addcmul(shift, v, scale).flatten(0, 1)  # one pass: v * scale + shift
+            shift = shift + bias.view([1, 1, -1] + [1] * (d.dim() - 3))
+        return torch.addcmul(shift, d, scale).flatten(0, 1)
+
+    def _channel_mean(self, v: int) -> torch.Tensor:
+        """Per-channel mean of unit ``v``'s cached input, shaped ``(1, 1, C, 1...)``."""
+        key = ("channel_mean", v)
+        if key not in self._extras:
+            a = self.acts[v]
+            mean = a.mean([0] + list(range(2, a.dim())))
+            self._extras[key] = mean.view([1, 1, -1] + [1] * (a.dim() - 2))
+        return self._extras[key]
 
     @staticmethod
     def _stacked_merge(unit: Unit, x: torch.Tensor, skip: torch.Tensor | _BandedSkip, params: dict,
