@@ -591,3 +591,109 @@ def test_batchnorm_cnn_float64_every_layer_matches_serial(digits, bn_policy, max
     got, _ = losses(oracle, plan, FeatureReuseScheduler(max_chunk=max_chunk))
     assert torch.allclose(got, ref, rtol=1e-12, atol=0)
     assert rel(est.combine(plan, got).grad, est.combine(plan, ref).grad) <= 1e-10
+
+
+# ---------------------------------------------------------------------------- chunk calibration
+def _calibration_oracle(digits, n=16, dtype=torch.float64):
+    torch.manual_seed(0)
+    model = bn_model().to(dtype)
+    x, y = digits
+    return ModuleOracle(model, F.cross_entropy, batch=(x[:n].to(dtype), y[:n]))
+
+
+def _chunk_sizes(scheduler, oracle, plan):
+    """The chunk sizes the scheduler's jobs would use for ``plan``."""
+    from zoblackbox.schedule.reuse import _StepCache
+
+    staging = staging_of(oracle)
+    base = oracle.layout.unflatten(plan.base)
+    with torch.no_grad(), oracle.query_mode():
+        step = _StepCache(staging, oracle, base, *oracle.batch)
+        _, jobs = scheduler._jobs(oracle, plan, staging, step)
+    return [job.size for job in jobs]
+
+
+def test_chunk_calibration_is_cached_per_shape_and_device(digits, monkeypatch):
+    from zoblackbox.schedule import reuse
+
+    monkeypatch.setattr(reuse, "_CALIBRATIONS", {})
+    made = []
+    original = reuse._Calibration.__init__
+
+    def counting(self, step, caps):
+        made.append(tuple(step.acts[0].shape))
+        original(self, step, caps)
+
+    monkeypatch.setattr(reuse._Calibration, "__init__", counting)
+    oracle = _calibration_oracle(digits)
+    est = CoordinateEstimator()
+    ref = est.estimate(oracle, oracle.get_params(), scheduler=SerialScheduler()).grad
+    got = est.estimate(oracle, oracle.get_params(), scheduler=FeatureReuseScheduler()).grad
+    assert rel(got, ref) <= 1e-10
+    assert made == [(16, 1, 8, 8)]
+    est.estimate(_calibration_oracle(digits), oracle.get_params(), scheduler=FeatureReuseScheduler())
+    assert len(made) == 1  # another oracle and scheduler of the same shape: measured once
+    est.estimate(_calibration_oracle(digits, n=24), oracle.get_params(), scheduler=FeatureReuseScheduler())
+    assert made[1:] == [(24, 1, 8, 8)]  # another batch shape: measured again
+    ((key, calibration),) = [(k, c) for k, c in reuse._CALIBRATIONS.items() if k[0][0] == (24, 1, 8, 8)]
+    assert "cpu" in key and torch.float64 in key
+    staging = staging_of(oracle)
+    assert len(calibration.per_query) == staging.num_stages
+    assert all(costs and min(costs) == 1 and all(t >= 0 for t in costs.values()) for costs in calibration.per_query)
+
+
+def test_calibrated_chunks_respect_max_chunk_and_explicit_cache_override(digits, monkeypatch):
+    from zoblackbox.schedule import reuse
+
+    monkeypatch.setattr(reuse, "_CALIBRATIONS", {})
+    oracle = _calibration_oracle(digits)
+    plan = CoordinateEstimator().plan(oracle.get_params(), spread_coords(oracle, per_tensor=6))
+    assert FeatureReuseScheduler().cpu_cache_bytes == "auto"
+    assert max(_chunk_sizes(FeatureReuseScheduler(max_chunk=3), oracle, plan)) <= 3
+    # an explicit cache size: the fixed cap, no calibration (a tiny cap: one query per chunk)
+    monkeypatch.setattr(reuse, "_CALIBRATIONS", {})
+    assert set(_chunk_sizes(FeatureReuseScheduler(cpu_cache_bytes=1), oracle, plan)) == {1}
+    assert reuse._CALIBRATIONS == {}
+    none = _chunk_sizes(FeatureReuseScheduler(cpu_cache_bytes=None, max_chunk=7), oracle, plan)
+    assert reuse._CALIBRATIONS == {} and max(none) == 7
+
+    # a calibration whose measurements say "the bigger the chunk, the cheaper per query" gives big chunks
+    class Fake:
+        def __init__(self, step, caps):
+            self.per_query = [{k: 1.0 / k for k in reuse.CALIBRATION_CHUNKS if k <= cap} for cap in caps]
+
+        chunk = reuse._Calibration.chunk
+        key = reuse._Calibration.key
+
+    monkeypatch.setattr(reuse, "_Calibration", Fake)
+    big = _chunk_sizes(FeatureReuseScheduler(max_chunk=16), oracle, plan)
+    assert max(big) == 16
+    with pytest.raises(ConfigError, match="cpu_cache_bytes"):
+        FeatureReuseScheduler(cpu_cache_bytes="fast")
+
+
+# ---------------------------------------------------------------------------- the benchmark's block loop
+def test_benchmark_block_loop_gradient_equals_the_scheduler_in_float64():
+    """benchmarks/feature_reuse.py's per-query block-reuse loop (DeepZero's scheme) and the reuse
+    scheduler give the same float64 gradient on the same coordinates, and the loop restores every weight."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import feature_reuse
+
+    torch.manual_seed(0)
+    model = resnet20().double()
+    oracle = StagedOracle(model, F.cross_entropy, batch=(torch.randn(4, 3, 8, 8, dtype=torch.float64),
+                                                         torch.tensor([3, 7, 1, 0])))
+    x = oracle.get_params()
+    coords = feature_reuse.sample_coords(oracle, 40, 2, seed=1)
+    steps = feature_reuse.realized_steps(x, coords, feature_reuse.MU)
+    f0, block = feature_reuse.block_reuse_cge_losses(oracle, x, coords, feature_reuse.MU)
+    assert torch.equal(oracle.get_params(), x)
+    grad_loop = (block - f0) / steps
+    grad = CoordinateEstimator(mu=feature_reuse.MU).estimate(oracle, x, coords=coords,
+                                                             scheduler=FeatureReuseScheduler()).grad[coords]
+    assert rel(grad, grad_loop) <= 1e-10
+    macs = feature_reuse.macs_per_query(oracle, x, coords)
+    assert macs["naive"] > macs["block_loop"] > macs["layer_floor"] > macs["reuse"] > 0
