@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from zoblackbox import CoordinateEstimator
 from zoblackbox.resnet import resnet20
 from zoblackbox.schedule import FeatureReuseScheduler
+from zoblackbox.schedule.vectorized import module_batch
 from zoblackbox.sparsity import CoordinateSampler, uniform_ratios
 from zoblackbox.staged import StagedOracle
 
@@ -45,7 +47,7 @@ SPEEDUP_TARGET = 10.0
 MU = 5e-3
 
 
-def synchronized(device: torch.device, fn: Callable[[], object]) -> tuple[float, object]:
+def synchronized(device: torch.device, fn: Callable[[], Any]) -> tuple[float, Any]:
     """Seconds of ``fn()`` with the device's queued work included (CUDA synchronized before and after)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -68,7 +70,7 @@ def plain_loop_grad(oracle: StagedOracle, x: torch.Tensor, coords: torch.Tensor,
     Returns the forward-difference gradient at ``coords`` (float64, on the CPU).
     """
     model, layout = oracle.model, oracle.layout
-    inputs, targets = oracle.batch
+    inputs, targets = module_batch(oracle)
     named = dict(model.named_parameters())
     tensor = layout.block_index(coords.cpu()).tolist()
     losses = torch.empty(coords.shape[0], dtype=torch.float64, device=x.device)
@@ -144,11 +146,11 @@ def main(argv=None) -> dict:
     ref_coords = loop_coords[:ref_n]
     scheduler = FeatureReuseScheduler()
 
-    tf32_modes = [False, True] if device.type == "cuda" else [None]
+    tf32_modes: list[bool | None] = [False, True] if device.type == "cuda" else [None]
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    runs = {}
+    runs: dict[str, Any] = {}
     try:
-        for mode in tf32_modes:
+        for mode in tf32_modes:  # None: a CPU, no TF32
             if mode is not None:
                 set_tf32(device, mode)
             reuse_grad(oracle, x, loop_coords, MU, scheduler)  # warm-up (and the chunk sizes)
@@ -205,8 +207,8 @@ def main(argv=None) -> dict:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    for mode, run in runs.items():
-        print(f"TF32 {mode}: plain loop {run['plain_loop']['queries_per_second']:.1f} q/s, reuse "
+    for label, run in runs.items():
+        print(f"TF32 {label}: plain loop {run['plain_loop']['queries_per_second']:.1f} q/s, reuse "
               f"{run['reuse']['queries_per_second']:.1f} q/s ({run['speedup']:.1f}x); gradient vs float64 "
               + ", ".join(f"{k} {v:.2e}" for k, v in run["rel_l2_vs_float64"].items()))
     print(f"target {SPEEDUP_TARGET:.0f}x: {result['target_met']}; wrote {args.out}")
