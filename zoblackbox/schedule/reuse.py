@@ -497,7 +497,8 @@ class _StepCache:
         if k == 1:
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, m.eps)
         # per query and channel over (B, ...): sums of the values shifted by the base point's channel
-        # means (so that E[d^2] - E[d]^2 does not cancel), then one pass d * scale + shift
+        # means (so that E[d^2] - E[d]^2 does not cancel), then d * scale + shift in place (large
+        # fresh buffers are expensive on a CPU: every one is new pages)
         d = x.unflatten(0, (k, -1)) - self._channel_mean(v)  # (K, B, C, ...)
         dims = [1] + list(range(3, d.dim()))
         mean = d.mean(dims, keepdim=True)
@@ -508,7 +509,7 @@ class _StepCache:
         shift = -mean * scale
         if bias is not None:
             shift = shift + bias.view([1, 1, -1] + [1] * (d.dim() - 3))
-        return torch.addcmul(shift, d, scale).flatten(0, 1)
+        return d.mul_(scale).add_(shift).flatten(0, 1)  # in place: d is this function's own buffer
 
     def _channel_mean(self, v: int) -> torch.Tensor:
         """Per-channel mean of unit ``v``'s cached input, shaped ``(1, 1, C, 1...)``."""
