@@ -122,6 +122,8 @@ def main(argv=None) -> dict:
                     help="keep at most this many of the sampled coordinates, at random (default all, tiny 64)")
     ap.add_argument("--tiny", action="store_true",
                     help="a 4-image batch of 8x8 images, 99%% sparsity, at most 64 coordinates: seconds")
+    ap.add_argument("--memory-gib", type=float, default=None,
+                    help="the reuse scheduler's memory_budget in GiB (default 8 on CUDA, the library's 0.5 elsewhere)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "gpu_check.json")
     args = ap.parse_args(argv)
@@ -144,7 +146,8 @@ def main(argv=None) -> dict:
     coords = coords.to(device)
     loop_coords = coords[torch.randperm(coords.numel(), generator=g)[:loop_n].to(device).sort().values]
     ref_coords = loop_coords[:ref_n]
-    scheduler = FeatureReuseScheduler()
+    gib = args.memory_gib if args.memory_gib is not None else (8.0 if device.type == "cuda" else 0.5)
+    scheduler = FeatureReuseScheduler(memory_budget=int(gib * 2**30))  # larger chunks on a GPU
 
     tf32_modes: list[bool | None] = [False, True] if device.type == "cuda" else [None]
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -193,6 +196,7 @@ def main(argv=None) -> dict:
         "image": f"3x{image}x{image}",
         "dtype": "float32",
         "sparsity": sparsity,
+        "reuse_memory_budget_gib": gib,
         "coords": int(coords.numel()),
         "coords_note": "a random (1 - sparsity) share of every weight tensor (CoordinateSampler, uniform ratios); "
                        "biases and BatchNorm dense" + (f"; then {max_coords} of them at random" if max_coords else ""),
