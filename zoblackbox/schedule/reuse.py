@@ -234,8 +234,8 @@ class _Calibration:
 
     Measured once per key (model shape, batch shape, dtype, device, threads, chunk caps) on the
     cached base-point activations: per stage (stages of the same shape once), the faster of two
-    stacked forwards at 1, 2, 4, ... queries, stopping when a chunk size is 15% slower per query
-    than the best one or one forward takes more than ``CALIBRATION_MAX_SECONDS``. A chunk that
+    stacked forwards at 1, 2, 4, ... queries, stopping at the first chunk size that is not cheaper
+    per query than the one before or when one forward takes more than ``CALIBRATION_MAX_SECONDS``. A chunk that
     starts in stage ``s`` runs stages ``s..L`` with one chunk size: the one with the least summed
     cost.
     """
@@ -261,9 +261,9 @@ class _Calibration:
                     run = partial(step.stacked_forward, first, h, stop=stop)
                     times = [_timed(run) for _ in range(2)]
                     costs[k] = min(times) / k
-                    best = min(best, costs[k])
-                    if costs[k] > 1.15 * best or max(times) > CALIBRATION_MAX_SECONDS:
-                        break
+                    if costs[k] >= best or max(times) > CALIBRATION_MAX_SECONDS:
+                        break  # doubling the chunk no longer pays (or takes too long)
+                    best = costs[k]
             measured[shape] = costs or {1: 0.0}
             self.per_query.append(measured[shape])
         self.seconds = time.perf_counter() - begin
