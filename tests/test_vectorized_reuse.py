@@ -697,3 +697,18 @@ def test_benchmark_block_loop_gradient_equals_the_scheduler_in_float64():
     assert rel(grad, grad_loop) <= 1e-10
     macs = feature_reuse.macs_per_query(oracle, x, coords)
     assert macs["naive"] > macs["block_loop"] > macs["layer_floor"] > macs["reuse"] > 0
+
+
+def test_banded_skip_of_a_model_run_query_by_query_matches_serial(monkeypatch):
+    """Where vmap is known to fail, a banded skip input is written out per query (the fallback path)."""
+    from zoblackbox.schedule import reuse
+
+    monkeypatch.setattr(reuse, "known_unvmappable", lambda model: True)
+    torch.manual_seed(0)
+    model = resnet20().double()
+    oracle = StagedOracle(model, F.cross_entropy, batch=(torch.randn(2, 3, 8, 8, dtype=torch.float64),
+                                                         torch.tensor([3, 7])))
+    plan = CoordinateEstimator().plan(oracle.get_params(), every_tensor_coords(oracle, per_tensor=2, seed=2))
+    ref, _ = losses(oracle, plan, SerialScheduler())
+    got, _ = losses(oracle, plan, FeatureReuseScheduler(max_chunk=3))
+    assert torch.allclose(got, ref, rtol=1e-12, atol=0)

@@ -452,7 +452,10 @@ class _StepCache:
         the band by which the innermost open residual block's skip input differs from the cached one."""
         if start == len(self.staging.units):
             return self.loss.stacked(h)
-        if h.shape[0] == 1 or known_unvmappable(self.model):
+        unvmappable = known_unvmappable(self.model)
+        if skip is not None and not unvmappable:  # a banded skip: added where needed, never copied whole
+            return self.loss.stacked(self.stacked_forward(start, h, skip))
+        if h.shape[0] == 1 or unvmappable:
             if skip is None:
                 return query_losses(lambda x: self.tail(start, x, {}), h, self.loss, self.model)
             entry = self.staging.enclosing[start][-1]
