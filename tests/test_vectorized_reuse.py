@@ -504,3 +504,214 @@ def test_module_is_left_untouched(digits):
         CoordinateEstimator().estimate(oracle, x, scheduler=make())
     for n, p in oracle.model.named_parameters():
         assert torch.equal(p, before[n])
+
+
+# ---------------------------------------------------------------------------- bands through residual blocks
+def every_tensor_coords(oracle, per_tensor, seed=0):
+    """``per_tensor`` random coordinates of every parameter tensor (all of a smaller one)."""
+    return spread_coords(oracle, per_tensor=per_tensor, seed=seed)
+
+
+@pytest.mark.parametrize("max_chunk", [1, 4, None])
+def test_resnet20_float64_every_layer_matches_serial(max_chunk):
+    """Sampled coordinates of every parameter tensor of ResNet-20 (float64): losses and gradient as
+    the serial reference's, for one query per chunk, small chunks and calibrated ones."""
+    torch.manual_seed(0)
+    model = resnet20().double()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    oracle = StagedOracle(model, F.cross_entropy, batch=(x, torch.tensor([3, 7, 1])))
+    coords = every_tensor_coords(oracle, per_tensor=3)
+    assert len(set(oracle.layout.block_index(coords).tolist())) == len(oracle.layout.names)
+    est = CoordinateEstimator()
+    plan = est.plan(oracle.get_params(), coords)
+    ref, _ = losses(oracle, plan, SerialScheduler())
+    got, n = losses(oracle, plan, FeatureReuseScheduler(max_chunk=max_chunk))
+    assert n == len(plan)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=0)
+    assert rel(est.combine(plan, got).grad, est.combine(plan, ref).grad) <= 1e-10
+
+
+def test_resnet20_bands_cross_the_residual_merge_and_the_next_block_entry():
+    """A perturbed second convolution (or BatchNorm) of a block changes one channel of the block's
+    output: the band passes the merge and the next block's entry, and the next block's first
+    convolution absorbs it (its skip input carries the band until that block's merge)."""
+    torch.manual_seed(0)
+    model = resnet20().double()
+    oracle = StagedOracle(model, F.cross_entropy, batch=(torch.randn(2, 3, 8, 8, dtype=torch.float64),
+                                                         torch.tensor([0, 1])))
+    from zoblackbox.schedule.reuse import _dense_start, _skip_entry, _StepCache
+
+    staging = oracle.staging
+    names = [u.name for u in staging.units]
+    with torch.no_grad(), oracle.query_mode():  # BatchNorm in query mode: batch statistics, no state
+        step = _StepCache(staging, oracle, oracle.layout.unflatten(oracle.get_params()), *oracle.batch)
+        for tensor, block, nxt in [("layer1_0.body.3.weight", "layer1_0", "layer1_1"),
+                                   ("layer1_2.body.4.bias", "layer1_2", "layer2_0"),  # padding shortcut next
+                                   ("stem.0.weight", "stem", "layer1_0")]:
+            unit = staging.tensor_unit[oracle.layout.names.index(tensor)]
+            route = step.route(unit, tensor)
+            ops = [op for op, _ in route]
+            assert "enter" in ops and route[-1][0] == "receive", (tensor, route)
+            assert ("merge" in ops) == (block != "stem")
+            assert names[route[-1][1]] == f"{nxt}.body.0" and names[_skip_entry(route)] == nxt
+            assert _dense_start(route) == route[-1][1] + 1
+        last = staging.tensor_unit[oracle.layout.names.index("layer3_2.body.3.weight")]
+        route = step.route(last, "layer3_2.body.3.weight")  # last block: through the merge into the classifier
+    assert [op for op, _ in route] == ["batchnorm", "merge", "pool", "flatten", "receive"]
+
+
+def bn_cnn():
+    """A BatchNorm CNN with a residual block (identity shortcut), one with a projection shortcut whose
+    merge has no activation, and a nested block whose band cannot pass an inner entry."""
+    inner = Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)), activation=nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                               nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)), activation=nn.ReLU()),
+        Residual(nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), inner),
+                 activation=nn.Tanh()),
+        Residual(nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6)),
+                 shortcut=nn.Sequential(nn.Conv2d(4, 6, 1, stride=2), nn.BatchNorm2d(6))),
+        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(24, 10),
+    ).double()
+
+
+@pytest.mark.parametrize("bn_policy", ["batch", "eval"])
+@pytest.mark.parametrize("max_chunk", [1, 5])
+def test_batchnorm_cnn_float64_every_layer_matches_serial(digits, bn_policy, max_chunk):
+    torch.manual_seed(0)
+    model = bn_cnn()
+    x, y = digits
+    with torch.no_grad():
+        model.train()
+        model(x[:32].double())
+    oracle = ModuleOracle(model, F.cross_entropy, batch=(x[:24].double(), y[:24]), bn_policy=bn_policy)
+    coords = every_tensor_coords(oracle, per_tensor=5, seed=1)
+    assert len(set(oracle.layout.block_index(coords).tolist())) == len(oracle.layout.names)
+    est = CoordinateEstimator()
+    plan = est.plan(oracle.get_params(), coords)
+    ref, _ = losses(oracle, plan, SerialScheduler())
+    got, _ = losses(oracle, plan, FeatureReuseScheduler(max_chunk=max_chunk))
+    assert torch.allclose(got, ref, rtol=1e-12, atol=0)
+    assert rel(est.combine(plan, got).grad, est.combine(plan, ref).grad) <= 1e-10
+
+
+# ---------------------------------------------------------------------------- chunk calibration
+def _calibration_oracle(digits, n=16, dtype=torch.float64):
+    torch.manual_seed(0)
+    model = bn_model().to(dtype)
+    x, y = digits
+    return ModuleOracle(model, F.cross_entropy, batch=(x[:n].to(dtype), y[:n]))
+
+
+def _chunk_sizes(scheduler, oracle, plan):
+    """The chunk sizes the scheduler's jobs would use for ``plan``."""
+    from zoblackbox.schedule.reuse import _StepCache
+
+    staging = staging_of(oracle)
+    base = oracle.layout.unflatten(plan.base)
+    with torch.no_grad(), oracle.query_mode():
+        step = _StepCache(staging, oracle, base, *oracle.batch)
+        _, jobs = scheduler._jobs(oracle, plan, staging, step)
+    return [job.size for job in jobs]
+
+
+def test_chunk_calibration_is_cached_per_shape_and_device(digits, monkeypatch):
+    from zoblackbox.schedule import reuse
+
+    monkeypatch.setattr(reuse, "_CALIBRATIONS", {})
+    made = []
+    original = reuse._Calibration.__init__
+
+    def counting(self, step, caps):
+        made.append(tuple(step.acts[0].shape))
+        original(self, step, caps)
+
+    monkeypatch.setattr(reuse._Calibration, "__init__", counting)
+    oracle = _calibration_oracle(digits)
+    est = CoordinateEstimator()
+    ref = est.estimate(oracle, oracle.get_params(), scheduler=SerialScheduler()).grad
+    got = est.estimate(oracle, oracle.get_params(), scheduler=FeatureReuseScheduler()).grad
+    assert rel(got, ref) <= 1e-10
+    assert made == [(16, 1, 8, 8)]
+    est.estimate(_calibration_oracle(digits), oracle.get_params(), scheduler=FeatureReuseScheduler())
+    assert len(made) == 1  # another oracle and scheduler of the same shape: measured once
+    est.estimate(_calibration_oracle(digits, n=24), oracle.get_params(), scheduler=FeatureReuseScheduler())
+    assert made[1:] == [(24, 1, 8, 8)]  # another batch shape: measured again
+    ((key, calibration),) = [(k, c) for k, c in reuse._CALIBRATIONS.items() if k[0][0] == (24, 1, 8, 8)]
+    assert "cpu" in key and torch.float64 in key
+    staging = staging_of(oracle)
+    assert len(calibration.per_query) == staging.num_stages
+    assert all(costs and min(costs) == 1 and all(t >= 0 for t in costs.values()) for costs in calibration.per_query)
+
+
+def test_calibrated_chunks_respect_max_chunk_and_explicit_cache_override(digits, monkeypatch):
+    from zoblackbox.schedule import reuse
+
+    monkeypatch.setattr(reuse, "_CALIBRATIONS", {})
+    oracle = _calibration_oracle(digits)
+    plan = CoordinateEstimator().plan(oracle.get_params(), spread_coords(oracle, per_tensor=6))
+    assert FeatureReuseScheduler().cpu_cache_bytes == "auto"
+    assert max(_chunk_sizes(FeatureReuseScheduler(max_chunk=3), oracle, plan)) <= 3
+    # an explicit cache size: the fixed cap, no calibration (a tiny cap: one query per chunk)
+    monkeypatch.setattr(reuse, "_CALIBRATIONS", {})
+    assert set(_chunk_sizes(FeatureReuseScheduler(cpu_cache_bytes=1), oracle, plan)) == {1}
+    assert reuse._CALIBRATIONS == {}
+    none = _chunk_sizes(FeatureReuseScheduler(cpu_cache_bytes=None, max_chunk=7), oracle, plan)
+    assert reuse._CALIBRATIONS == {} and max(none) == 7
+
+    # a calibration whose measurements say "the bigger the chunk, the cheaper per query" gives big chunks
+    class Fake:
+        def __init__(self, step, caps):
+            self.per_query = [{k: 1.0 / k for k in reuse.CALIBRATION_CHUNKS if k <= cap} for cap in caps]
+
+        chunk = reuse._Calibration.chunk
+        key = reuse._Calibration.key
+
+    monkeypatch.setattr(reuse, "_Calibration", Fake)
+    big = _chunk_sizes(FeatureReuseScheduler(max_chunk=16), oracle, plan)
+    assert max(big) == 16
+    with pytest.raises(ConfigError, match="cpu_cache_bytes"):
+        FeatureReuseScheduler(cpu_cache_bytes="fast")
+
+
+# ---------------------------------------------------------------------------- the benchmark's block loop
+def test_benchmark_block_loop_gradient_equals_the_scheduler_in_float64():
+    """benchmarks/feature_reuse.py's per-query block-reuse loop (DeepZero's scheme) and the reuse
+    scheduler give the same float64 gradient on the same coordinates, and the loop restores every weight."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import feature_reuse
+
+    torch.manual_seed(0)
+    model = resnet20().double()
+    oracle = StagedOracle(model, F.cross_entropy, batch=(torch.randn(4, 3, 8, 8, dtype=torch.float64),
+                                                         torch.tensor([3, 7, 1, 0])))
+    x = oracle.get_params()
+    coords = feature_reuse.sample_coords(oracle, 40, 2, seed=1)
+    steps = feature_reuse.realized_steps(x, coords, feature_reuse.MU)
+    f0, block = feature_reuse.block_reuse_cge_losses(oracle, x, coords, feature_reuse.MU)
+    assert torch.equal(oracle.get_params(), x)
+    grad_loop = (block - f0) / steps
+    grad = CoordinateEstimator(mu=feature_reuse.MU).estimate(oracle, x, coords=coords,
+                                                             scheduler=FeatureReuseScheduler()).grad[coords]
+    assert rel(grad, grad_loop) <= 1e-10
+    macs = feature_reuse.macs_per_query(oracle, x, coords)
+    assert macs["naive"] > macs["block_loop"] > macs["layer_floor"] > macs["reuse"] > 0
+
+
+def test_banded_skip_of_a_model_run_query_by_query_matches_serial(monkeypatch):
+    """Where vmap is known to fail, a banded skip input is written out per query (the fallback path)."""
+    from zoblackbox.schedule import reuse
+
+    monkeypatch.setattr(reuse, "known_unvmappable", lambda model: True)
+    torch.manual_seed(0)
+    model = resnet20().double()
+    oracle = StagedOracle(model, F.cross_entropy, batch=(torch.randn(2, 3, 8, 8, dtype=torch.float64),
+                                                         torch.tensor([3, 7])))
+    plan = CoordinateEstimator().plan(oracle.get_params(), every_tensor_coords(oracle, per_tensor=2, seed=2))
+    ref, _ = losses(oracle, plan, SerialScheduler())
+    got, _ = losses(oracle, plan, FeatureReuseScheduler(max_chunk=3))
+    assert torch.allclose(got, ref, rtol=1e-12, atol=0)

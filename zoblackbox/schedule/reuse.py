@@ -24,7 +24,9 @@ the first stage their directions touch. Oracles that are not module oracles are 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -55,12 +57,21 @@ from .vectorized import (
     query_losses,
 )
 
-__all__ = ["REUSE_CPU_CACHE_BYTES", "FeatureReuseScheduler"]
+__all__ = ["AUTO", "REUSE_CPU_CACHE_BYTES", "FeatureReuseScheduler"]
 
 #: default bytes of a reuse chunk's largest activation on a CPU: about a core's L2 cache. Reuse
 #: runs shared-weight layers on the stacked K x B batch, which slows down per query once it spills
 #: out of L2 (measured on a 2-core EPYC: ResNet-20 best at 1-2 MiB, the digits CNN at 2-4 MiB).
 REUSE_CPU_CACHE_BYTES = 2 * 2**20
+#: ``cpu_cache_bytes=AUTO`` (the default): on a CPU, chunk sizes of explicit-delta queries are measured
+#: per stage (a short calibration, cached per model shape, batch shape, dtype, device and thread count);
+#: queries restarted with batched parameters keep the ``REUSE_CPU_CACHE_BYTES`` cap
+AUTO = "auto"
+#: chunk sizes the calibration times (up to the scheduler's ``max_chunk`` and memory budget)
+CALIBRATION_CHUNKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: a calibration stops growing a stage's chunk once one timing takes longer than this (seconds)
+CALIBRATION_MAX_SECONDS = 0.25
+_CALIBRATIONS: dict = {}  # key -> _Calibration (see _Calibration.key)
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -80,8 +91,12 @@ class FeatureReuseScheduler(Scheduler):
         estimated bytes per query of the stage the chunk starts at.
     max_chunk : int or None, default None
         Most queries per chunk, ``>= 1`` (``None``: 256 on a CPU, 4096 on CUDA).
-    cpu_cache_bytes : int or None, default 2097152
-        On a CPU, most bytes of a chunk's largest activation (2 MiB); ``None``: no limit.
+    cpu_cache_bytes : int, None or "auto", default "auto"
+        On a CPU, how big a chunk is. ``"auto"``: queries with explicit deltas run in the chunk size
+        measured fastest per stage by a short calibration (a few stacked forwards of every stage at
+        1, 2, 4, ... queries; cached per model shape, batch shape, dtype, device and thread count),
+        other queries keep a chunk's largest activation to 2 MiB (``REUSE_CPU_CACHE_BYTES``). An int:
+        most bytes of a chunk's largest activation, no calibration; ``None``: no limit.
     explicit_deltas : bool, default True
         Form the outputs of perturbed ``Linear``/``Conv2d``/``BatchNorm`` layers from explicit
         deltas; ``False`` restarts the forward at the perturbed layer with batched weights instead.
@@ -116,10 +131,10 @@ class FeatureReuseScheduler(Scheduler):
     """
 
     def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET, *, max_chunk: int | None = None,
-                 cpu_cache_bytes: int | None = REUSE_CPU_CACHE_BYTES, explicit_deltas: bool = True):
+                 cpu_cache_bytes: int | None | str = AUTO, explicit_deltas: bool = True):
         self.memory_budget = check_memory_budget(memory_budget)
         self.max_chunk = check_max_chunk(max_chunk)
-        self.cpu_cache_bytes = check_cache_bytes(cpu_cache_bytes)
+        self.cpu_cache_bytes = cpu_cache_bytes if cpu_cache_bytes == AUTO else check_cache_bytes(cpu_cache_bytes)
         self.explicit_deltas = bool(explicit_deltas)
 
     def __repr__(self) -> str:
@@ -162,7 +177,7 @@ class FeatureReuseScheduler(Scheduler):
         layout = oracle.layout
         itemsize = torch.empty((), dtype=oracle.dtype).element_size()
         base_idx: torch.Tensor | None = None
-        by_start: dict[int, list] = {}
+        by_start: dict[tuple[int, int | None], list] = {}
         jobs: list[_RestartJob | _DeltaJob] = []
         for tensors, idx in query_groups(plan, layout):
             if not tensors:
@@ -176,22 +191,101 @@ class FeatureReuseScheduler(Scheduler):
                 size = self._capacity(oracle, staging, step.peak_from(unit), batched, itemsize, unit)
                 jobs.append(_RestartJob(tensors, unit, idx, size))
             else:
-                by_start.setdefault(_dense_start(route), []).append((unit, route, idx))
-        for start, members in sorted(by_start.items()):
+                by_start.setdefault((_dense_start(route), _skip_entry(route)), []).append((unit, route, idx))
+        calibrated = self.cpu_cache_bytes == AUTO and oracle.device.type == "cpu"
+        for (start, _), members in sorted(by_start.items(), key=lambda item: (item[0][0], item[0][1] or -1)):
             # per query: the band (one channel of the perturbed layer's output), then the dense forward
             band = max(step.band_numel(unit) for unit, _, _ in members)
             first = min(unit for unit, _, _ in members)
-            size = self._capacity(oracle, staging, max(band, step.peak_from(start)), 0, itemsize, first)
+            activation = max(band, step.peak_from(start))
+            size = self._capacity(oracle, staging, activation, 0, itemsize, first, cache=not calibrated)
+            if calibrated and start < len(staging.units):
+                size = min(size, self.calibration(oracle, staging, step).chunk(staging.units[start].stage, size))
             jobs.append(_DeltaJob(start, members, size))
         return base_idx, jobs
 
-    def _capacity(self, oracle, staging: Staging, activation: int, batched: int, itemsize: int, unit: int) -> int:
+    def _capacity(self, oracle, staging: Staging, activation: int, batched: int, itemsize: int, unit: int,
+                  cache: bool = True) -> int:
         """Queries per chunk whose largest activation has ``activation`` elements per query, with
-        ``batched`` batched parameters per query (``unit``: where the queries start, for messages)."""
+        ``batched`` batched parameters per query (``unit``: where the queries start, for messages);
+        ``cache``: also keep to the CPU cache size (``cpu_cache_bytes``, or its default for ``"auto"``)."""
         act_bytes = itemsize * activation
+        cache_bytes = REUSE_CPU_CACHE_BYTES if isinstance(self.cpu_cache_bytes, str) else self.cpu_cache_bytes
         return chunk_capacity(self.memory_budget, itemsize * batched + ACTIVATION_FACTOR * act_bytes,
                               oracle.device, self.max_chunk, f"stage {staging.stages[staging.units[unit].stage].name!r}",
-                              cache_bytes=self.cpu_cache_bytes, activation_bytes=act_bytes)
+                              cache_bytes=cache_bytes if cache else None, activation_bytes=act_bytes)
+
+    def calibration(self, oracle, staging: Staging, step: _StepCache) -> _Calibration:
+        """The measured per-query cost of every stage at several chunk sizes (cached; see ``AUTO``)."""
+        itemsize = torch.empty((), dtype=oracle.dtype).element_size()
+        caps = []  # per stage: the largest chunk the memory budget and max_chunk allow
+        for stage in staging.stages:
+            first = stage.units[0]
+            activation = step.peak_from(first)
+            caps.append(self._capacity(oracle, staging, activation, 0, itemsize, first, cache=False))
+        key = _Calibration.key(step, oracle, tuple(caps))
+        if key not in _CALIBRATIONS:
+            _CALIBRATIONS[key] = _Calibration(step, caps)
+        return _CALIBRATIONS[key]
+
+
+class _Calibration:
+    """Seconds per query of every stage's stacked forward at the chunk sizes ``CALIBRATION_CHUNKS``.
+
+    Measured once per key (model shape, batch shape, dtype, device, threads, chunk caps) on the
+    cached base-point activations: per stage (stages of the same shape once), the faster of two
+    stacked forwards at 1, 2, 4, ... queries, stopping at the first chunk size that is not cheaper
+    per query than the one before or when one forward takes more than ``CALIBRATION_MAX_SECONDS``. A chunk that
+    starts in stage ``s`` runs stages ``s..L`` with one chunk size: the one with the least summed
+    cost.
+    """
+
+    def __init__(self, step: _StepCache, caps: list[int]):
+        staging = step.staging
+        self.per_query: list[dict[int, float]] = []
+        measured: dict = {}  # stages of the same shape (the repeated blocks of a ResNet) are timed once
+        begin = time.perf_counter()
+        for stage, cap in zip(staging.stages, caps):
+            first, stop = stage.units[0], stage.units[-1] + 1
+            h0 = step.acts[first]
+            shape = (tuple(staging.units[u].kind for u in stage.units), cap, staging.enclosing[first],
+                     tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in step.acts[first:stop + 1]))
+            if shape in measured:
+                self.per_query.append(measured[shape])
+                continue
+            costs: dict[int, float] = {}
+            if isinstance(h0, torch.Tensor):
+                best = math.inf
+                for k in (c for c in CALIBRATION_CHUNKS if c <= cap):
+                    h = h0.unsqueeze(0).expand(k, *h0.shape).contiguous()
+                    run = partial(step.stacked_forward, first, h, stop=stop)
+                    times = [_timed(run) for _ in range(2)]
+                    costs[k] = min(times) / k
+                    if costs[k] >= best or max(times) > CALIBRATION_MAX_SECONDS:
+                        break  # doubling the chunk no longer pays (or takes too long)
+                    best = costs[k]
+            measured[shape] = costs or {1: 0.0}
+            self.per_query.append(measured[shape])
+        self.seconds = time.perf_counter() - begin
+
+    @staticmethod
+    def key(step: _StepCache, oracle, caps: tuple[int, ...]) -> tuple:
+        shapes = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in step.acts)
+        kinds = tuple(u.kind for u in step.staging.units)
+        return (shapes, kinds, oracle.dtype, str(oracle.device), torch.get_num_threads(), caps)
+
+    def chunk(self, stage: int, cap: int) -> int:
+        """The chunk size (at most ``cap``) with the least measured cost for stages ``stage..L``."""
+        tail = self.per_query[stage:]
+        common = set(tail[0]).intersection(*tail[1:])
+        sizes = sorted(k for k in common if k <= cap) or [1]
+        return min(sizes, key=lambda k: sum(costs.get(k, 0.0) for costs in tail))
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 @dataclass
@@ -230,13 +324,28 @@ class _DeltaJob:
 
             def compute(parts=parts):
                 inputs = [step.dense_input(plan, oracle.layout, c, unit, route) for c, unit, route in parts]
-                return step.dense_losses(self.start, _cat(inputs))
+                skips = [skip for _, skip in inputs]
+                skip = None if skips[0] is None else _cat_bands(skips)
+                return step.dense_losses(self.start, _cat([h for h, _ in inputs]), skip)
 
             yield chunk, compute
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _cat_bands(bands: list) -> _Band:
+    """Bands of the same activation (same width and dimension) of several query groups, stacked."""
+    first = bands[0]
+    if len(bands) == 1:
+        return first
+    return _Band(torch.cat([b.values for b in bands]), torch.cat([b.start for b in bands]), first.width, first.dim)
+
+
+def _skip_entry(route: list) -> int | None:
+    """The block entry whose skip input a route's band passes through (``None``: no skip band)."""
+    return next((v for op, v in route[:-1] if op == "enter"), None)
 
 
 def _dense_start(route: list) -> int:
@@ -257,6 +366,14 @@ class _Band:
     start: torch.Tensor
     width: int
     dim: int
+
+
+@dataclass
+class _BandedSkip:
+    """The skip input of a residual block for ``K`` queries: the cached one, differing by a band."""
+
+    cached: torch.Tensor
+    band: _Band
 
 
 def _gather_band(a: torch.Tensor, dim: int, start: torch.Tensor, width: int) -> torch.Tensor:
@@ -316,27 +433,39 @@ class _StepCache:
         return y.numel() // max(1, y.shape[-1] if self.staging.units[u].kind == "linear" else y.shape[1])
 
     # ------------------------------------------------------------------ dense evaluation
-    def tail(self, start: int, h, overrides: dict):
+    def tail(self, start: int, h, overrides: dict, innermost_skip: torch.Tensor | None = None):
         """Model output after running units ``start..`` on ``h`` (parameters: base, or ``overrides``
-        by layout name); residual blocks open at ``start`` take their skip input from the cache."""
+        by layout name); residual blocks open at ``start`` take their skip input from the cache
+        (the innermost one ``innermost_skip`` if given)."""
         params = {**self.base, **overrides} if overrides else self.base
         skips = [self.acts[e] for e in self.staging.enclosing[start]]
+        if innermost_skip is not None:
+            skips[-1] = innermost_skip
         return self.staging.run(h, params, start, skips=skips)
 
     def generic_losses(self, u: int, batched: dict) -> torch.Tensor:
         """Losses of queries that perturb the given tensors (batched, by layout name), from unit ``u`` on."""
         return query_losses(lambda p: self.tail(u, self.acts[u], p), batched, self.loss, self.model)
 
-    def dense_losses(self, start: int, h: torch.Tensor) -> torch.Tensor:
-        """Losses of stacked inputs ``h`` (``(K, ...)``) of unit ``start``, run to the end."""
+    def dense_losses(self, start: int, h: torch.Tensor, skip: _Band | None = None) -> torch.Tensor:
+        """Losses of stacked inputs ``h`` (``(K, ...)``) of unit ``start``, run to the end; ``skip``:
+        the band by which the innermost open residual block's skip input differs from the cached one."""
         if start == len(self.staging.units):
             return self.loss.stacked(h)
-        if h.shape[0] == 1 or known_unvmappable(self.model):
-            return query_losses(lambda x: self.tail(start, x, {}), h, self.loss, self.model)
-        return self.loss.stacked(self._stacked_forward(start, h))
+        unvmappable = known_unvmappable(self.model)
+        if skip is not None and not unvmappable:  # a banded skip: added where needed, never copied whole
+            return self.loss.stacked(self.stacked_forward(start, h, skip))
+        if h.shape[0] == 1 or unvmappable:
+            if skip is None:
+                return query_losses(lambda x: self.tail(start, x, {}), h, self.loss, self.model)
+            entry = self.staging.enclosing[start][-1]
+            both = {"h": h, "skip": _densify(self.acts[entry], skip)}
+            return query_losses(lambda d: self.tail(start, d["h"], {}, d["skip"]), both, self.loss, self.model)
+        return self.loss.stacked(self.stacked_forward(start, h, skip))
 
     # ------------------------------------------------------------------ the stacked K x B forward
-    def _stacked_forward(self, start: int, h: torch.Tensor) -> torch.Tensor:
+    def stacked_forward(self, start: int, h: torch.Tensor, skip: _Band | None = None,
+                        stop: int | None = None) -> torch.Tensor:
         """Units ``start..`` on ``K`` queries' inputs ``h`` (``(K, B, ...)``) run as one ``K * B`` batch.
 
         Layers that treat every sample alike (convolutions, linear layers, activations, pooling)
@@ -346,8 +475,10 @@ class _StepCache:
         """
         k = h.shape[0]
         x = h.flatten(0, 1)
-        skips = [self.acts[e] for e in self.staging.enclosing[start]]  # cached: (B, ...), shared by all queries
-        for v in range(start, len(self.staging.units)):
+        skips: list = [self.acts[e] for e in self.staging.enclosing[start]]  # cached: (B, ...), shared by all queries
+        if skip is not None:
+            skips[-1] = _BandedSkip(skips[-1], skip)
+        for v in range(start, len(self.staging.units) if stop is None else stop):
             unit, params = self.staging.units[v], self._local(v)
             if unit.kind == "enter":
                 skips.append(x)
@@ -356,34 +487,62 @@ class _StepCache:
             elif unit.kind in ("conv", "linear", "elementwise", "pool", "flatten"):
                 x = unit(x, params)
             elif unit.kind == "batchnorm" and _batchnorm_is_stateless(unit):
-                x = self._stacked_batchnorm(unit, x, params, k)
+                x = self._stacked_batchnorm(v, unit, x, params, k)
             elif unit.kind == "fx":  # a traced graph segment: reads and rewrites the live values itself
                 x = unit.module.stacked_step(x, params, skips, k, self.acts[v], self.acts[v + 1])
             else:
                 x = _per_query(lambda t, u=unit, p=params: u(t, p), x, k)
         return x.unflatten(0, (k, -1))
 
-    @staticmethod
-    def _stacked_batchnorm(unit: Unit, x: torch.Tensor, params: dict, k: int) -> torch.Tensor:
+    def _stacked_batchnorm(self, v: int, unit: Unit, x: torch.Tensor, params: dict, k: int) -> torch.Tensor:
         m = unit.module
         if not (m.training or (m.running_mean is None and m.running_var is None)):
             return unit(x, params)  # running statistics: the same affine map for every sample
-        v = x.unflatten(0, (k, -1))  # (K, B, C, ...)
-        dims = [1] + list(range(3, v.dim()))
-        mean = v.mean(dims, keepdim=True)
-        out = (v - mean) * torch.rsqrt((v - mean).square().mean(dims, keepdim=True) + m.eps)
-        shape = [1, 1, -1] + [1] * (v.dim() - 3)
         weight, bias = unit.tensor("weight", params), unit.tensor("bias", params)
+        if k == 1:
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, m.eps)
+        # per query and channel over (B, ...): sums of the values shifted by the base point's channel
+        # means (so that E[d^2] - E[d]^2 does not cancel), then d * scale + shift in place (large
+        # fresh buffers are expensive on a CPU: every one is new pages)
+        d = x.unflatten(0, (k, -1)) - self._channel_mean(v)  # (K, B, C, ...)
+        dims = [1] + list(range(3, d.dim()))
+        mean = d.mean(dims, keepdim=True)
+        var = (d.square().mean(dims, keepdim=True) - mean.square()).clamp_min_(0)
+        scale = torch.rsqrt(var + m.eps)
         if weight is not None:
-            out = out * weight.view(shape)
+            scale = scale * weight.view([1, 1, -1] + [1] * (d.dim() - 3))
+        shift = -mean * scale
         if bias is not None:
-            out = out + bias.view(shape)
-        return out.flatten(0, 1)
+            shift = shift + bias.view([1, 1, -1] + [1] * (d.dim() - 3))
+        return d.mul_(scale).add_(shift).flatten(0, 1)  # in place: d is this function's own buffer
+
+    def _channel_mean(self, v: int) -> torch.Tensor:
+        """Per-channel mean of unit ``v``'s cached input, shaped ``(1, 1, C, 1...)``."""
+        key = ("channel_mean", v)
+        if key not in self._extras:
+            a = self.acts[v]
+            mean = a.mean([0] + list(range(2, a.dim())))
+            self._extras[key] = mean.view([1, 1, -1] + [1] * (a.dim() - 2))
+        return self._extras[key]
 
     @staticmethod
-    def _stacked_merge(unit: Unit, x: torch.Tensor, skip: torch.Tensor, params: dict, k: int) -> torch.Tensor:
+    def _stacked_merge(unit: Unit, x: torch.Tensor, skip: torch.Tensor | _BandedSkip, params: dict,
+                       k: int) -> torch.Tensor:
         """``activation(x + shortcut(skip))`` of a residual block; ``skip`` is cached (shared) or stacked."""
         block = unit.module
+        if isinstance(skip, _BandedSkip):
+            if type(block.shortcut) is not nn.Identity:  # the shortcut of every query's own skip input
+                skip = _densify(skip.cached, skip.band).flatten(0, 1)
+            else:  # cached skip for all, plus each query's band
+                out = x.unflatten(0, (k, -1)) + skip.cached
+                band = skip.band
+                delta = band.values - _gather_band(skip.cached, 1, band.start, band.width)
+                idx = (band.start[:, None] + torch.arange(band.width, device=x.device))
+                idx = idx.reshape(k, 1, band.width, *[1] * (delta.dim() - 3)).expand_as(delta)
+                out = out.scatter_add_(2, idx, delta).flatten(0, 1)
+                act = block.activation
+                return act(out) if unit_kind(act) == "elementwise" else _per_query(
+                    lambda t: block.apply_activation(t, params), out, k)
         shared = skip.shape[0] != x.shape[0]
         if type(block.shortcut) is nn.Identity:
             s = skip
@@ -412,7 +571,8 @@ class _StepCache:
         dim = _band_start_dim(unit, acts[u], acts[u + 1])
         if dim is None:
             return None
-        steps = []
+        steps: list = []
+        entered = None  # position in steps of the block entry the band passed (its skip carries the band)
         for v in range(u + 1, len(units)):
             if not isinstance(acts[v], torch.Tensor):
                 return None
@@ -420,13 +580,28 @@ class _StepCache:
             if kind == "elementwise" or (kind in ("pool", "flatten") and dim == 1) or (
                     kind == "batchnorm" and dim == 1 and _batchnorm_is_stateless(units[v])):
                 steps.append((kind, v))
+            elif kind == "merge" and dim == 1 and entered is None and _merge_carries(units[v]):
+                steps.append((kind, v))  # the block's own skip input is cached: the band stays a band
+            elif kind == "enter" and dim == 1 and entered is None:
+                entered = len(steps)
+                steps.append((kind, v))
+            elif _receives(units[v], acts[v], dim):
+                return steps + [("receive", v)]
             else:
-                return steps + [("receive" if _receives(units[v], acts[v], dim) else "densify", v)]
-        return steps + [("densify", len(units))] if isinstance(acts[-1], torch.Tensor) else None
+                break
+        else:
+            if not isinstance(acts[-1], torch.Tensor):
+                return None
+            v = len(units)
+        if entered is not None:  # the skip holds the band until the block's merge: densify at the entry
+            return steps[:entered] + [("densify", steps[entered][1])]
+        return steps + [("densify", v)]
 
-    def dense_input(self, plan: QueryPlan, layout, chunk: torch.Tensor, u: int, route: list) -> torch.Tensor:
+    def dense_input(self, plan: QueryPlan, layout, chunk: torch.Tensor, u: int,
+                    route: list) -> tuple[torch.Tensor, _Band | None]:
         """The stacked input ``(K, ...)`` of unit ``_dense_start(route)`` for coordinate steps (plan
-        queries ``chunk``) that all perturb one tensor of unit ``u``: explicit delta, carried band."""
+        queries ``chunk``) that all perturb one tensor of unit ``u`` (explicit delta, carried band),
+        and the band of the skip input of the residual block the route entered (or ``None``)."""
         rows = chunk.to(plan.base.device) - int(plan.include_base)
         assert plan.coords is not None and plan.offsets is not None  # a coordinate plan
         coords = plan.coords[rows]
@@ -437,10 +612,14 @@ class _StepCache:
         h = (moved - plan.base[coords].to(dtype)).to(self.acts[u].device)
         flat = (coords - lo).to(self.acts[u].device)
         band = self._start(u, name, flat, h)
+        skip = None
         for op, v in route[:-1]:
-            band = self._carry(op, v, band)
+            if op == "enter":
+                skip = band  # the block's skip input: the cached one with this band
+            else:
+                band = self._carry(op, v, band)
         end, v = route[-1]
-        return self._receive(v, band) if end == "receive" else _densify(self.acts[v], band)
+        return (self._receive(v, band) if end == "receive" else _densify(self.acts[v], band)), skip
 
     def _start(self, u: int, name: str, flat: torch.Tensor, h: torch.Tensor) -> _Band:
         unit = self.staging.units[u]
@@ -497,6 +676,9 @@ class _StepCache:
         if op == "flatten":
             per_channel = math.prod(values.shape[3:])
             return _Band(values.reshape(k, b, -1), band.start * per_channel, band.width * per_channel, 1)
+        if op == "merge":  # activation(band + shortcut(cached skip)[band])
+            shortcut = _gather_band(self._shortcut(v), 1, band.start, band.width)
+            return _Band(unit.module.activation(values + shortcut), band.start, band.width, band.dim)
         return _Band(self._batchnorm_band(v, values, band), band.start, band.width, band.dim)
 
     def _local(self, v: int) -> dict:
@@ -550,6 +732,14 @@ class _StepCache:
         conv = _CONV_FN[len(m.kernel_size)]
         out = conv(x, wb.reshape(-1, w, *wb.shape[3:]), None, m.stride, m.padding, m.dilation, k)
         return out.reshape(y.shape[0], k, *y.shape[1:]).movedim(1, 0).contiguous().add_(y)
+
+    def _shortcut(self, v: int) -> torch.Tensor:
+        """``shortcut(skip)`` of merge unit ``v`` at the base point (the skip is the block's cached input)."""
+        key = ("shortcut", v)
+        if key not in self._extras:
+            entry = self.staging.enclosing[v][-1]
+            self._extras[key] = self.staging.units[v].module.apply_shortcut(self.acts[entry], self._local(v))
+        return self._extras[key]
 
     def _xhat(self, u: int) -> torch.Tensor:
         """The normalized (pre-affine) output of BatchNorm unit ``u`` at the base point."""
@@ -606,6 +796,11 @@ def _receives(unit: Unit, a: torch.Tensor, dim: int) -> bool:
         return dim == a.dim() - 1
     m = unit.module
     return unit.kind == "conv" and dim == 1 and m.groups == 1 and a.dim() == len(m.kernel_size) + 2
+
+
+def _merge_carries(unit: Unit) -> bool:
+    """Whether a band of a residual block's body passes its merge as a band (elementwise activation)."""
+    return unit_kind(unit.module.activation) == "elementwise"
 
 
 def _batchnorm_is_stateless(unit: Unit) -> bool:
