@@ -572,8 +572,10 @@ class Trainer:
             raise CheckpointError(f"field epoch is {epoch} with batch_in_epoch={batch_in_epoch}: a run of "
                                   f"{self.epochs} epochs trains no batch after its last epoch")
         if global_step != epoch * spe + batch_in_epoch:
+            # the three counters contradict each other: name all of them, any may be the wrong one
             raise field_error("global_step", global_step, f"epoch * steps_per_epoch + batch_in_epoch = {epoch} * "
-                                                          f"{spe} + {batch_in_epoch} (the steps a run has taken then)")
+                                                          f"{spe} + {batch_in_epoch} (the steps a run has taken then, "
+                                                          f"from field epoch and field batch_in_epoch)")
         wall = state["wall_offset"]
         if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not (math.isfinite(wall) and wall >= 0):
             raise field_error("wall_offset", wall, "a finite number of seconds >= 0")
