@@ -246,10 +246,21 @@ class ProcessOracle(Oracle):
         text = self._stderr.read().decode("utf-8", "replace")
         return "\n".join(text.splitlines()[-lines:])
 
+    def _running(self) -> subprocess.Popen:
+        """The program's process; only queries call this, after ``_start`` (an internal error otherwise)."""
+        if self._proc is None:
+            raise RuntimeError("internal error: the program is not running (a query before _start or after close)")
+        return self._proc
+
+    @staticmethod
+    def _pipe(stream, name: str):
+        if stream is None:  # _start opens both with PIPE
+            raise RuntimeError(f"internal error: the program's {name} is not a pipe")
+        return stream
+
     def _crash(self, qid: int) -> ProgramCrashError:
         """The program's stdout closed (or its stdin broke) mid-query: reap it for its real exit status."""
-        proc, what = self._proc, f"exited while answering query id {qid}"
-        assert proc is not None  # called while a query runs
+        proc, what = self._running(), f"exited while answering query id {qid}"
         try:
             code = proc.wait(timeout=_REAP_GRACE)
         except subprocess.TimeoutExpired:
@@ -299,8 +310,7 @@ class ProcessOracle(Oracle):
     # ------------------------------------------------------------------ one query
     def _read_line(self, qid: int, deadline: float | None) -> bytes:
         """One answer line (without its newline); never holds more than the limit + 1 bytes of it."""
-        assert self._proc is not None and self._proc.stdout is not None  # started with stdout=PIPE
-        fd = self._proc.stdout.fileno()
+        fd = self._pipe(self._running().stdout, "stdout").fileno()
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ)
             while b"\n" not in self._buffer:
@@ -330,10 +340,10 @@ class ProcessOracle(Oracle):
         if self.timeout is not None:
             limit = self.timeout + (self.startup_timeout if self._fresh else 0.0)
         started = time.monotonic()
-        assert self._proc is not None and self._proc.stdin is not None  # just started, with stdin=PIPE
+        stdin = self._pipe(self._running().stdin, "stdin")
         try:
-            self._proc.stdin.write(request.encode())
-            self._proc.stdin.flush()
+            stdin.write(request.encode())
+            stdin.flush()
             line = self._read_line(qid, None if limit is None else started + limit)
         except TimeoutError:
             self._stop()

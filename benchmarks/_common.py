@@ -119,6 +119,21 @@ def realized_steps(x: torch.Tensor, coords: torch.Tensor, mu: float) -> torch.Te
     return ((xc + mu) - xc).to(torch.float64)
 
 
+def digits_validation_split():
+    """The bundled digits' training images cut into train / validation (25%, stratified,
+    random_state 1), for choosing settings; the test images are left unused."""
+    from sklearn.model_selection import train_test_split
+
+    from zoblackbox.data import Split, load_digits_split
+
+    split = load_digits_split(seed=0)
+    x_tr, x_va, y_tr, y_va = train_test_split(split.x_train.numpy(), split.y_train.numpy(), test_size=0.25,
+                                              random_state=1, stratify=split.y_train.numpy())
+    return Split(torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_va), torch.from_numpy(y_va),
+                 split.num_classes, f"validation split of the digits training images: {len(y_tr)} train / "
+                                    f"{len(y_va)} validation (stratified, random_state=1); test images unused")
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||a - b|| / ||b||`` in float64."""
     a, b = a.to(torch.float64).cpu(), b.to(torch.float64).cpu()

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import RESULTS, rel_l2
 
 from zoblackbox import CoordinateEstimator
 from zoblackbox.resnet import resnet20
@@ -42,7 +43,6 @@ from zoblackbox.schedule.vectorized import module_batch
 from zoblackbox.sparsity import CoordinateSampler, uniform_ratios
 from zoblackbox.staged import StagedOracle
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SPEEDUP_TARGET = 10.0
 MU = 5e-3
 
@@ -94,10 +94,6 @@ def reuse_grad(oracle: StagedOracle, x: torch.Tensor, coords: torch.Tensor, mu: 
                scheduler: FeatureReuseScheduler) -> torch.Tensor:
     grad = CoordinateEstimator(mu=mu).estimate(oracle, x, coords=coords, scheduler=scheduler).grad
     return grad[coords].to("cpu", torch.float64)
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def make_oracle(batch: int, image: int, device: torch.device, dtype: torch.dtype, seed: int) -> StagedOracle:

@@ -132,17 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- data and ratios
 def load_split(validation: bool) -> Split:
     """The bundled digits split, or (``validation``) its training part cut into train / validation."""
-    split = load_digits_split(seed=0)
-    if not validation:
-        return split
-    from sklearn.model_selection import train_test_split
-
-    x_tr, x_va, y_tr, y_va = train_test_split(split.x_train.numpy(), split.y_train.numpy(), test_size=0.25,
-                                              random_state=1, stratify=split.y_train.numpy())
-    return Split(torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_va), torch.from_numpy(y_va),
-                 split.num_classes, f"validation split of the digits training images: {len(y_tr)} train / "
-                                    f"{len(y_va)} validation (stratified, random_state=1); test images unused")
-
+    return _common.digits_validation_split() if validation else load_digits_split(seed=0)
 
 def init_model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)

@@ -41,6 +41,7 @@ import time
 import torch
 import torch.nn.functional as F
 from _common import (
+    digits_validation_split,
     interleaved_medians,
     machine_info,
     naive_cge_losses,
@@ -93,17 +94,6 @@ def parse_args(argv):
     return args
 
 
-def validation_split() -> Split:
-    """The training images cut into train / validation (stratified, random_state 1); test images unused."""
-    from sklearn.model_selection import train_test_split
-
-    split = load_digits_split(seed=0)
-    x_tr, x_va, y_tr, y_va = train_test_split(split.x_train.numpy(), split.y_train.numpy(), test_size=0.25,
-                                              random_state=1, stratify=split.y_train.numpy())
-    return Split(torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_va), torch.from_numpy(y_va),
-                 split.num_classes, f"validation split: {len(y_tr)} train / {len(y_va)} validation")
-
-
 def sparse_schedule(model, split: Split, sparsity: float, seed: int) -> SparseSchedule:
     """ZO-GraSP ratios from the initialization (25 images per class), a fresh random mask every epoch."""
     layout = ParamLayout.from_tensors([(n, p) for n, p in model.named_parameters() if p.requires_grad])
@@ -132,7 +122,7 @@ def train(method: str, split: Split, seed: int, lr: float, args) -> dict:
 
 def tune_lr(args) -> dict:
     """First-order training on the validation split, seed 0, for every learning rate of the grid."""
-    split = validation_split()
+    split = digits_validation_split()
     scores = {lr: train("fo", split, 0, lr, args)["acc"] for lr in args.lr_grid}
     best = max(scores, key=lambda lr: (scores[lr], -lr))
     return {"chosen_lr": best, "validation_acc": {str(lr): acc for lr, acc in scores.items()},
