@@ -11,7 +11,7 @@ pytest.importorskip("cocoex")
 pytest.importorskip("cma")
 pytest.importorskip("scipy")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # appended: benchmarks/mujoco.py must not shadow the mujoco package
 import bbob
 
 

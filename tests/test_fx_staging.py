@@ -23,7 +23,7 @@ from zoblackbox.models import digits_vit
 from zoblackbox.schedule import FeatureReuseScheduler, SerialScheduler
 from zoblackbox.staged import StagedOracle, Staging, StagingWarning, staging_of
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # appended: benchmarks/mujoco.py must not shadow the mujoco package
 from fx_models import ResNet18, TinyGPT, TinyViT
 
 

@@ -682,7 +682,7 @@ def test_benchmark_block_loop_gradient_equals_the_scheduler_in_float64():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # appended: benchmarks/mujoco.py must not shadow the mujoco package
     import feature_reuse
 
     torch.manual_seed(0)
