@@ -476,6 +476,10 @@ class GymPolicyOracle(Oracle):
             the survival bonus of Hopper, Walker2d and Ant, so that standing still is not a local
             optimum); training losses are ``-mean(return - reward_shift * length)``. Held-out
             evaluations (:meth:`evaluate_policy`) always report the environment's true return.
+        common_seeds: ``True`` (default): every query of a batch runs the batch's k env seeds
+            (common random numbers, module docstring). ``False``: query ``i`` of a batch runs its own
+            seeds ``SeedSequence([seed, batch, i])`` -- every rollout from its own start state, as
+            ARS's workers do. (With a process pool, ``i`` counts the queries each worker evaluates.)
         **oracle_kwargs: ``budget`` (queries), ``on_failure``, ``dtype`` (default float64) as in
             :class:`~zoblackbox.oracle.Oracle`.
 
@@ -491,7 +495,7 @@ class GymPolicyOracle(Oracle):
                  obs_norm: str | None = None, num_envs: int = 16, vectorize: str = "sync",
                  max_episodes: int | None = None, max_env_steps: int | None = None,
                  max_episode_steps: int | None = None, env_kwargs: Mapping | None = None,
-                 reward_shift: float = 0.0, **oracle_kwargs):
+                 reward_shift: float = 0.0, common_seeds: bool = True, **oracle_kwargs):
         gym = import_gymnasium()
         if not isinstance(env_id, str):
             raise ConfigError(f"env_id must be a registered gymnasium id (a str), got {env_id!r}")
@@ -505,6 +509,10 @@ class GymPolicyOracle(Oracle):
         if vectorize not in VECTORIZE_MODES:
             raise ConfigError(f"vectorize must be one of {VECTORIZE_MODES}, got {vectorize!r}")
         self.reward_shift = _check_shift(reward_shift)
+        if not isinstance(common_seeds, (bool, np.bool_)):
+            raise ConfigError(f"common_seeds must be a bool (True: every query of a batch runs the same env seeds), "
+                              f"got {common_seeds!r}")
+        self.common_seeds = bool(common_seeds)
         if vectorize == "sync" and not hasattr(getattr(gym, "vector", None), "AutoresetMode"):
             raise ConfigError("vectorize='sync' needs gymnasium >= 1.1 (AutoresetMode); use vectorize='none'")
         self.num_envs = _check_int("num_envs", num_envs)
@@ -542,6 +550,7 @@ class GymPolicyOracle(Oracle):
         self._pending_stats = ObsNormalizer(self.actor.obs_dim)
         self._batch = 0  # index of the current batch (its seeds)
         self._used = False  # whether the current batch has run (the next reserve opens a new one)
+        self._pos = 0  # queries of the current batch evaluated in this process (their seeds, common_seeds=False)
         self._extra_episodes = 0
         self._env_steps = 0
         self._vector_steps = 0
@@ -620,6 +629,7 @@ class GymPolicyOracle(Oracle):
         if self._used:
             self._batch += 1
             self._used = False
+            self._pos = 0
             self._commit_stats()
 
     def _commit_stats(self) -> None:
@@ -657,9 +667,13 @@ class GymPolicyOracle(Oracle):
         params = X.detach().cpu().to(torch.float64).numpy()
         K = params.shape[0]
         self._used = True
-        seeds = self.episode_seeds(self._batch)
         pair_params = np.repeat(params, self.k, axis=0)
-        pair_seeds = seeds * K
+        if self.common_seeds:
+            pair_seeds = self.episode_seeds(self._batch) * K
+        else:  # query i of the batch: its own k seeds
+            pair_seeds = [int(s) for i in range(self._pos, self._pos + K)
+                          for s in np.random.SeedSequence([self.seed, self._batch, i]).generate_state(self.k)]
+            self._pos += K
         self._local_queries += K
         roll = self._rollouts(pair_params, pair_seeds, self.obs_stats if self.obs_norm else None,
                               collect=self.obs_norm == "running")
@@ -819,7 +833,7 @@ class GymPolicyOracle(Oracle):
             "batch_used": self._used, "extra_episodes": self._extra_episodes, "env_steps": self._env_steps,
             "vector_steps": self._vector_steps, "eval_episodes": self._eval_episodes,
             "eval_env_steps": self._eval_env_steps, "obs_norm": self.obs_norm, "reward_shift": self.reward_shift,
-            "obs_stats": self.obs_stats.state_dict(), "pending_obs_stats": self._pending_stats.state_dict(),
+            "common_seeds": self.common_seeds, "batch_pos": self._pos, "obs_stats": self.obs_stats.state_dict(), "pending_obs_stats": self._pending_stats.state_dict(),
         })
         return state
 
@@ -847,10 +861,17 @@ class GymPolicyOracle(Oracle):
             value = state[key]
             if type(value) is not type(mine) or value != mine:
                 raise field_error(key, value, f"this oracle's {mine!r}")
-        # reward_shift changes what the training losses mean (older states, without the field, had none)
+        # reward_shift and common_seeds change what the training losses mean (older states, without
+        # the fields, had neither: shift 0, common seeds)
         shift = state.get("reward_shift", 0.0)
         if isinstance(shift, bool) or not isinstance(shift, (int, float)) or float(shift) != self.reward_shift:
             raise field_error("reward_shift", shift, f"this oracle's {self.reward_shift!r}")
+        common = state.get("common_seeds", True)
+        if not isinstance(common, bool) or common != self.common_seeds:
+            raise field_error("common_seeds", common, f"this oracle's {self.common_seeds!r}")
+        pos = state.get("batch_pos", 0)
+        if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
+            raise field_error("batch_pos", pos, "an int >= 0")
         Oracle.check_state_dict(self, state)
         counters = {}
         for key, attr in (("seed", "seed"), ("batch", "_batch"), ("extra_episodes", "_extra_episodes"),
@@ -863,6 +884,7 @@ class GymPolicyOracle(Oracle):
         if not isinstance(state["batch_used"], bool):
             raise field_error("batch_used", state["batch_used"], "a bool")
         counters["_used"] = state["batch_used"]
+        counters["_pos"] = pos
         episodes = self.k * state["nfev"] + counters["_extra_episodes"]
         if self.max_episodes is not None and episodes > self.max_episodes:
             raise CheckpointError(f"field nfev is {state['nfev']} with extra_episodes={counters['_extra_episodes']}: "
@@ -888,6 +910,7 @@ class GymPolicyOracle(Oracle):
             state["_pending_stats"] = ObsNormalizer(self.actor.obs_dim)
             state["_batch"] = self._batch + 1
             state["_used"] = False
+            state["_pos"] = 0
         return state
 
     def __setstate__(self, state):
@@ -896,6 +919,7 @@ class GymPolicyOracle(Oracle):
 
     def __repr__(self) -> str:
         shift = f", reward_shift={self.reward_shift!r}" if self.reward_shift else ""
+        shift += "" if self.common_seeds else ", common_seeds=False"
         return (f"GymPolicyOracle({self.env_id!r}, {self.actor!r}, episodes={self.k}, obs_norm={self.obs_norm!r}{shift}, "
                 f"dim={self.dim}, nfev={self.nfev}, episodes_run={self.episodes}, env_steps={self._env_steps})")
 

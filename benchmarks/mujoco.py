@@ -80,9 +80,21 @@ _HERE = str(Path(__file__).resolve().parent)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
 if __name__ == "__main__" or "mujoco" not in sys.modules:
     try:
-        importlib.import_module("mujoco")
+        _mj = importlib.import_module("mujoco")
     except ImportError:  # GymPolicyOracle then raises MissingDependencyError naming the gym extra
-        pass
+        _mj = None
+    if __name__ == "__main__" and _mj is not None and hasattr(_mj, "set_mju_user_warning"):
+        # gymnasium's HalfCheetah XML uses an attribute MuJoCo 4 deprecates: MuJoCo would print (and
+        # write to MUJOCO_LOG.TXT) one warning per environment made; say it once, pass others through
+        _seen: set = set()
+
+        def _mujoco_warning(msg: str) -> None:
+            key = "settotalmass" if "settotalmass" in msg else msg
+            if key not in _seen:
+                _seen.add(key)
+                print(f"MuJoCo warning (shown once): {msg.strip()}", file=sys.stderr)
+
+        _mj.set_mju_user_warning(_mujoco_warning)
 
 import numpy as np
 import torch
@@ -94,6 +106,9 @@ from zoblackbox.adapters.gym import GymPolicyOracle, LinearPolicy, import_gymnas
 from zoblackbox.presets import ars_v2t
 
 SOLVERS = ("zoblackbox", "nevergrad", "cma")
+# ablation (only when named in --solvers): ARS with every rollout from its own start state, as ARS's
+# workers run, instead of the oracle's common random numbers
+ABLATIONS = ("ars-own-seeds",)
 EVAL_SEED = 10_000_000  # the checks' held-out episodes
 CONFIRM_SEED = 11_000_000  # the 100 confirmation episodes of a solving policy
 CHECK_EPISODES = 10
@@ -121,9 +136,9 @@ def check_every(task: dict) -> int:
     return 20 * task["N"]
 
 
-def make_oracle(env_id: str, seed: int, budget: int, shift: float) -> GymPolicyOracle:
+def make_oracle(env_id: str, seed: int, budget: int, shift: float, common_seeds: bool = True) -> GymPolicyOracle:
     return GymPolicyOracle(env_id, LinearPolicy(), episodes=1, seed=seed, obs_norm="running",
-                           reward_shift=shift, max_episodes=budget)
+                           reward_shift=shift, max_episodes=budget, common_seeds=common_seeds)
 
 
 class Checker:
@@ -143,9 +158,10 @@ class Checker:
         return ev.mean >= self.threshold
 
 
-def run_zoblackbox(env_id: str, seed: int, budget: int) -> tuple[GymPolicyOracle, Checker, dict, np.ndarray]:
+def run_zoblackbox(env_id: str, seed: int, budget: int,
+                   common_seeds: bool = True) -> tuple[GymPolicyOracle, Checker, dict, np.ndarray]:
     task = TASKS[env_id]
-    oracle = make_oracle(env_id, seed, budget, task["shift"])
+    oracle = make_oracle(env_id, seed, budget, task["shift"], common_seeds)
     check = Checker(oracle, task)
     hit: dict = {}
 
@@ -209,16 +225,18 @@ def run_job(job: dict) -> dict:
     t0 = time.perf_counter()
     env_id, solver, seed, budget = job["task"], job["solver"], job["seed"], job["budget"]
     extra = {}
-    if solver == "zoblackbox":
-        oracle, check, hit, x = run_zoblackbox(env_id, seed, budget)
+    if solver in ("zoblackbox", "ars-own-seeds"):
+        oracle, check, hit, x = run_zoblackbox(env_id, seed, budget, common_seeds=solver == "zoblackbox")
     elif solver == "cma":
         oracle, check, hit, x = run_cma(env_id, seed, budget)
     else:
         oracle, check, hit, x, extra["sub_optim"] = run_nevergrad(env_id, seed, budget)
     solved = bool(hit)
-    confirm = None
+    confirm = final = None
     if solved:  # the solving policy on 100 other held-out episodes (reported only)
         confirm = oracle.evaluate_policy(hit["x"], episodes=CONFIRM_EPISODES, seed=CONFIRM_SEED).mean
+    else:  # where the run ended: the final candidate on the checks' held-out episodes
+        final = oracle.evaluate_policy(x, episodes=CHECK_EPISODES, seed=EVAL_SEED).mean
     return {
         "task": env_id, "solver": solver, "seed": seed, "budget": budget,
         "solved": solved,
@@ -230,6 +248,7 @@ def run_job(job: dict) -> dict:
         "curve": check.curve,
         "best_heldout_mean": max((c[1] for c in check.curve), default=None),
         "confirm_mean_100": confirm,
+        "final_heldout_mean": final,
         "wall_s": time.perf_counter() - t0,
         "env_steps_per_s": oracle.env_steps / max(time.perf_counter() - t0, 1e-9),
         **extra,
@@ -338,7 +357,7 @@ def summarize(runs: list[dict], budgets: dict) -> dict:
         rs = [r for r in runs if r["task"] == env_id]
         if not rs:
             continue
-        by = {s: sorted((r for r in rs if r["solver"] == s), key=lambda r: r["seed"]) for s in SOLVERS}
+        by = {s: sorted((r for r in rs if r["solver"] == s), key=lambda r: r["seed"]) for s in SOLVERS + ABLATIONS}
         zo = by["zoblackbox"]
         eps = [r["episodes_to_threshold"] for r in zo]
         paper = task["paper_episodes"]
@@ -364,6 +383,11 @@ def summarize(runs: list[dict], budgets: dict) -> dict:
                                 **({"sub_optim": sorted({r.get("sub_optim") for r in by[s]})}
                                    if s == "nevergrad" else {})}
                             for s in ("nevergrad", "cma") if by[s]},
+            "ablation": {s: {"seeds": [r["seed"] for r in by[s]],
+                             "episodes_per_seed": [r["episodes_to_threshold"] for r in by[s]],
+                             "median": _median([r["episodes_to_threshold"] for r in by[s]]),
+                             "best_heldout_mean": [r["best_heldout_mean"] for r in by[s]]}
+                         for s in ABLATIONS if by[s]},
         }
         out[env_id] = entry
     return out
@@ -392,7 +416,7 @@ def plot(result: dict, path: Path) -> Path:
     colors = {"zoblackbox": "#4c72b0", "nevergrad": "#55a868", "cma": "#c44e52"}
     for ax, env_id in zip(axes, envs):
         for r in runs:
-            if r["task"] != env_id or not r["curve"]:
+            if r["task"] != env_id or not r["curve"] or r["solver"] not in colors:
                 continue
             c = np.array(r["curve"])
             ax.plot(c[:, 0], c[:, 1], color=colors[r["solver"]], lw=1, alpha=0.8,
@@ -423,7 +447,13 @@ def main(argv=None):
     ap.add_argument("--solvers", type=lambda t: parse_list(t, str), default=list(SOLVERS))
     ap.add_argument("--seeds", type=parse_list, default=None, help="ARS run seeds (default 0-4)")
     ap.add_argument("--peer-seeds", type=parse_list, default=None, help="peer run seeds (default: --seeds)")
+    ap.add_argument("--task-seeds", action="append", default=[], metavar="ENV=SEEDS",
+                    help="ARS run seeds of one task, e.g. Ant-v5=0,1 (repeatable; overrides --seeds there)")
+    ap.add_argument("--task-peer-seeds", action="append", default=[], metavar="ENV=SEEDS",
+                    help="peer run seeds of one task (repeatable; overrides --peer-seeds there)")
     ap.add_argument("--budget", action="append", default=[], metavar="ENV=EPISODES")
+    ap.add_argument("--extra", action="append", default=[], metavar="ENV:SOLVER:SEEDS",
+                    help="more runs, e.g. Hopper-v5:ars-own-seeds:0,1,2 (repeatable)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="ignore the run cache")
     ap.add_argument("--speed-only", action="store_true", help="only the env-steps-per-second comparison")
@@ -435,9 +465,9 @@ def main(argv=None):
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise SystemExit(f"--tasks: unknown {unknown}; known {list(TASKS)}")
-    bad = [s for s in args.solvers if s not in SOLVERS]
+    bad = [s for s in args.solvers if s not in SOLVERS + ABLATIONS]
     if bad:
-        raise SystemExit(f"--solvers: unknown {bad}; known {list(SOLVERS)}")
+        raise SystemExit(f"--solvers: unknown {bad}; known {list(SOLVERS + ABLATIONS)}")
     budgets = {e: TASKS[e]["budget"] for e in TASKS}
     if args.quick:
         budgets.update(QUICK["budget"])
@@ -448,6 +478,21 @@ def main(argv=None):
         budgets[env_id] = int(n)
     seeds = args.seeds or (QUICK["seeds"] if args.quick else [0, 1, 2, 3, 4])
     peer_seeds = args.peer_seeds or (QUICK["peer_seeds"] if args.quick else seeds)
+
+    def per_task(items: list[str], flag: str) -> dict:
+        out = {}
+        for item in items:
+            env_id, _, text = item.partition("=")
+            try:
+                out[env_id] = parse_list(text)
+            except ValueError:
+                out[env_id] = []
+            if env_id not in TASKS or not out[env_id]:
+                raise SystemExit(f"{flag}: expected ENV=SEEDS with a known env id, got {item!r}")
+        return out
+
+    task_seeds = per_task(args.task_seeds, "--task-seeds")
+    task_peer_seeds = per_task(args.task_peer_seeds, "--task-peer-seeds")
     torch.set_num_threads(1)
     warn_if_busy()
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -466,12 +511,27 @@ def main(argv=None):
         jobs = []
         for env_id in tasks:
             for solver in args.solvers:
-                if solver != "zoblackbox" and not TASKS[env_id]["peers"]:
+                if solver in ("nevergrad", "cma") and not TASKS[env_id]["peers"]:
                     continue
-                for seed in (seeds if solver == "zoblackbox" else peer_seeds):
+                run_seeds = (task_seeds.get(env_id, seeds) if solver in ("zoblackbox", "ars-own-seeds")
+                             else task_peer_seeds.get(env_id, peer_seeds))
+                for seed in run_seeds:
                     jobs.append({"task": env_id, "solver": solver, "seed": seed, "budget": budgets[env_id]})
-        # longest first: HalfCheetah and the peers' full budgets
-        jobs.sort(key=lambda j: -j["budget"] * (1 if j["solver"] == "zoblackbox" else 2))
+        for item in args.extra:
+            env_id, solver, text = (item.split(":") + ["", ""])[:3]
+            try:
+                extra_seeds = parse_list(text)
+            except ValueError:
+                extra_seeds = []
+            if env_id not in TASKS or solver not in SOLVERS + ABLATIONS or not extra_seeds:
+                raise SystemExit(f"--extra: expected ENV:SOLVER:SEEDS with a known env id and solver, got {item!r}")
+            jobs += [{"task": env_id, "solver": solver, "seed": sd, "budget": budgets[env_id]} for sd in extra_seeds
+                     if not any(j["task"] == env_id and j["solver"] == solver and j["seed"] == sd for j in jobs)]
+        # longest first (seconds per episode, roughly: Ant's steps are slow, Hopper's episodes short;
+        # peers tend to use their whole budget), so that the pool's processes finish together
+        per_episode = {"Swimmer-v5": 0.15, "Hopper-v5": 0.08, "HalfCheetah-v5": 0.14, "Walker2d-v5": 0.12,
+                       "Ant-v5": 0.5}
+        jobs.sort(key=lambda j: -j["budget"] * per_episode[j["task"]] * (1.5 if j["solver"] in ("nevergrad", "cma") else 1))
         cache = None if args.fresh else args.out_dir / f"{name}_runs.jsonl"
         new = run_jobs(jobs, args.jobs, cache)
         keys = {cache_key(r) for r in new}
@@ -498,6 +558,8 @@ def main(argv=None):
                       "training episodes (10 ARS iterations); not counted as training",
             "confirm": f"{CONFIRM_EPISODES} other held-out episodes (env seeds {CONFIRM_SEED}..) of a solving policy",
             "median_rule": "unsolved seeds count as +inf; null when the median seed is unsolved",
+            "ablation": "ars-own-seeds: the zoblackbox recipe with GymPolicyOracle(common_seeds=False), every "
+                        "rollout from its own start state as in ARS's workers (tasks[...].ablation)",
         },
         "runs": runs,
         "runtime_s_this_invocation": time.perf_counter() - t0,

@@ -10,10 +10,10 @@ import torch
 gym = pytest.importorskip("gymnasium")
 pytest.importorskip("mujoco")
 
-from zoblackbox import ConfigError, MissingDependencyError, minimize  # noqa: E402
-from zoblackbox.adapters.gym import GymPolicyOracle, LinearPolicy, ObsNormalizer  # noqa: E402
-from zoblackbox.errors import CheckpointError  # noqa: E402
-from zoblackbox.presets import ars_v2t  # noqa: E402
+from zoblackbox import ConfigError, MissingDependencyError, minimize
+from zoblackbox.adapters.gym import GymPolicyOracle, LinearPolicy, ObsNormalizer
+from zoblackbox.errors import CheckpointError
+from zoblackbox.presets import ars_v2t
 
 STEPS = 40  # a short time limit keeps every episode cheap
 
@@ -177,3 +177,27 @@ def test_locomotion_tasks_bind_and_roll_out():
         loss = o.evaluate(torch.zeros(2, o.dim, dtype=torch.float64))
         assert torch.isfinite(loss).all() and o.env_steps <= 10
         o.close()
+
+
+def test_common_seeds_false_gives_every_query_its_own_start_state():
+    crn = GymPolicyOracle("Swimmer-v5", LinearPolicy(), episodes=1, seed=2, max_episode_steps=STEPS)
+    own = GymPolicyOracle("Swimmer-v5", LinearPolicy(), episodes=1, seed=2, max_episode_steps=STEPS,
+                          common_seeds=False)
+    X = np.repeat(np.random.default_rng(0).normal(0, 0.3, (1, crn.dim)), 3, axis=0)  # one point three times
+    same, differ = crn.evaluate(X).numpy(), own.evaluate(X).numpy()
+    assert np.all(same == same[0]) and len(set(differ.tolist())) == 3
+    for i in range(3):  # query i of batch 0 runs SeedSequence([seed, 0, i])
+        s = int(np.random.SeedSequence([2, 0, i]).generate_state(1)[0])
+        assert differ[i] == pytest.approx(-plain_episode("Swimmer-v5", X[i].reshape(2, 8), s)[0], rel=1e-12)
+    # each evaluate is a batch: positions restart at 0 with the next batch's seeds
+    b = own.evaluate(X[:2]).numpy()
+    s = int(np.random.SeedSequence([2, 1, 1]).generate_state(1)[0])
+    assert b[1] == pytest.approx(-plain_episode("Swimmer-v5", X[1].reshape(2, 8), s)[0], rel=1e-12)
+    assert b[0] != differ[0]
+    state = own.state_dict()
+    assert state["common_seeds"] is False and state["batch_pos"] == 2
+    with pytest.raises(CheckpointError, match="common_seeds"):
+        crn.load_state_dict(state)
+    with pytest.raises(ConfigError, match="common_seeds must be a bool"):
+        GymPolicyOracle("Swimmer-v5", LinearPolicy(), common_seeds="no")
+    assert "common_seeds=False" in repr(own)
