@@ -229,18 +229,11 @@ def patch_nevergrad() -> None:
         metamodel.float = lambda v: builtins.float(np.asarray(v).reshape(-1)[0])
 
 
-def run_nevergrad(env_id, seed, budget, eval_seed, sigma, workers) -> dict:
-    import nevergrad as ng
-
-    patch_nevergrad()
-    oracle = make_oracle(env_id, seed, budget)
-    task = TASKS[env_id]
-    check = Checker(oracle, task, eval_seed)
-    x0 = oracle.actor.init_params(seed)
-    param = ng.p.Array(init=x0).set_mutation(sigma=sigma)
-    param.random_state = np.random.RandomState(seed + 2)
-    opt = ng.optimizers.NGOpt(parametrization=param, budget=budget // oracle.k, num_workers=workers)
-    hit = {}
+def ngopt_batches(opt, oracle, workers: int, budget: int, check) -> tuple[dict, np.ndarray]:
+    """Ask and tell NGOpt ``workers`` candidates per oracle batch until the episode budget or
+    ``check(recommendation)`` is reached; returns (the hit: episodes, env_steps, x; the final
+    recommendation). Shared with benchmarks/mujoco.py."""
+    hit: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         while oracle.episodes + workers * oracle.k <= budget:
@@ -253,6 +246,21 @@ def run_nevergrad(env_id, seed, budget, eval_seed, sigma, workers) -> dict:
                 hit.update(episodes=oracle.episodes, env_steps=oracle.env_steps, x=np.array(rec))
                 break
         rec = opt.provide_recommendation().value
+    return hit, np.array(rec)
+
+
+def run_nevergrad(env_id, seed, budget, eval_seed, sigma, workers) -> dict:
+    import nevergrad as ng
+
+    patch_nevergrad()
+    oracle = make_oracle(env_id, seed, budget)
+    task = TASKS[env_id]
+    check = Checker(oracle, task, eval_seed)
+    x0 = oracle.actor.init_params(seed)
+    param = ng.p.Array(init=x0).set_mutation(sigma=sigma)
+    param.random_state = np.random.RandomState(seed + 2)
+    opt = ng.optimizers.NGOpt(parametrization=param, budget=budget // oracle.k, num_workers=workers)
+    hit, rec = ngopt_batches(opt, oracle, workers, budget, check)
     out = outcome(oracle, check, hit, rec, eval_seed)
     out["sub_optim"] = str(opt._info().get("sub-optim"))
     return out

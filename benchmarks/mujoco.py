@@ -70,7 +70,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 # this file is named like the mujoco package: run as a script, its folder comes first on sys.path and
@@ -99,7 +98,7 @@ if __name__ == "__main__" or "mujoco" not in sys.modules:
 import numpy as np
 import torch
 from _common import RESULTS, machine_info, new_figure, warn_if_busy
-from gym_policy import patch_nevergrad
+from gym_policy import ngopt_batches, patch_nevergrad
 
 from zoblackbox import minimize
 from zoblackbox.adapters.gym import GymPolicyOracle, LinearPolicy, import_gymnasium
@@ -203,21 +202,8 @@ def run_nevergrad(env_id: str, seed: int, budget: int):
     param = ng.p.Array(init=np.zeros(oracle.dim))
     param.random_state = np.random.RandomState(seed + 2)
     opt = ng.optimizers.NGOpt(parametrization=param, budget=budget, num_workers=NG_WORKERS)
-    hit: dict = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        while oracle.episodes + NG_WORKERS <= budget:
-            cands = [opt.ask() for _ in range(NG_WORKERS)]
-            losses = oracle.evaluate(np.stack([c.value for c in cands])).numpy()
-            for c, v in zip(cands, losses):
-                opt.tell(c, float(v))
-            rec = opt.provide_recommendation().value
-            if check(rec):
-                hit.update(episodes=oracle.episodes, env_steps=oracle.env_steps, x=np.array(rec))
-                break
-        rec = opt.provide_recommendation().value
-        sub = str(opt._info().get("sub-optim"))
-    return oracle, check, hit, np.array(rec), sub
+    hit, rec = ngopt_batches(opt, oracle, NG_WORKERS, budget, check)
+    return oracle, check, hit, rec, str(opt._info().get("sub-optim"))
 
 
 def run_job(job: dict) -> dict:
