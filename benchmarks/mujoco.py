@@ -49,8 +49,10 @@ queries, vector environment) against a plain gymnasium loop (one ``gym.make`` en
 ``step(clip(W obs))``) on the same 16 episodes of ARS's starting policy ``W = 0`` (equal returns
 checked), environments made before timing, medians of 5 interleaved rounds after a warm-up round.
 
-Runs are cached in ``results/mujoco_runs.jsonl`` (one line per task, solver, seed, budget), so the
-benchmark can be run in parts and resumed; ``--fresh`` ignores the cache.
+Every finished run is appended to ``results/mujoco_runs.jsonl`` (one line per task, solver, seed,
+budget) and the JSON keeps the runs of earlier invocations, so the benchmark can be run in parts;
+``--resume`` reuses recorded runs instead of running them again (by default everything named runs);
+``--fresh`` starts the JSON afresh.
 
 Run:  python benchmarks/mujoco.py                      (everything: ~6 h on 2 cores)
       python benchmarks/mujoco.py --tasks Hopper-v5 --solvers zoblackbox
@@ -256,8 +258,10 @@ def load_cache(path: Path) -> dict:
     return out
 
 
-def run_jobs(jobs: list[dict], n_jobs: int, cache_path: Path | None) -> list[dict]:
-    cached = load_cache(cache_path) if cache_path is not None else {}
+def run_jobs(jobs: list[dict], n_jobs: int, cache_path: Path | None, resume: bool = False) -> list[dict]:
+    """Run the jobs (2 processes); every finished run is appended to ``cache_path``; with ``resume``
+    the runs already recorded there are reused instead of run again."""
+    cached = load_cache(cache_path) if cache_path is not None and resume else {}
     results = {cache_key(j): cached[cache_key(j)] for j in jobs if cache_key(j) in cached}
     todo = [j for j in jobs if cache_key(j) not in results]
     if results:
@@ -441,7 +445,9 @@ def main(argv=None):
     ap.add_argument("--extra", action="append", default=[], metavar="ENV:SOLVER:SEEDS",
                     help="more runs, e.g. Hopper-v5:ars-own-seeds:0,1,2 (repeatable)")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--fresh", action="store_true", help="ignore the run cache")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the runs recorded in results/mujoco_runs.jsonl instead of running them again")
+    ap.add_argument("--fresh", action="store_true", help="drop the runs of the previous JSON from the summary")
     ap.add_argument("--speed-only", action="store_true", help="only the env-steps-per-second comparison")
     ap.add_argument("--no-speed", action="store_true", help="skip the env-steps-per-second comparison")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -518,8 +524,7 @@ def main(argv=None):
         per_episode = {"Swimmer-v5": 0.15, "Hopper-v5": 0.08, "HalfCheetah-v5": 0.14, "Walker2d-v5": 0.12,
                        "Ant-v5": 0.5}
         jobs.sort(key=lambda j: -j["budget"] * per_episode[j["task"]] * (1.5 if j["solver"] in ("nevergrad", "cma") else 1))
-        cache = None if args.fresh else args.out_dir / f"{name}_runs.jsonl"
-        new = run_jobs(jobs, args.jobs, cache)
+        new = run_jobs(jobs, args.jobs, args.out_dir / f"{name}_runs.jsonl", resume=args.resume)
         keys = {cache_key(r) for r in new}
         runs = [r for r in previous.get("runs", []) if cache_key(r) not in keys] + new
     summary = summarize(runs, budgets)
