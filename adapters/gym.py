@@ -775,22 +775,19 @@ class GymPolicyOracle(Oracle):
         return self._rollouts_single(env.envs, params, seeds, norm, collect)
 
     def _rollouts_single(self, envs, params, seeds, norm, collect) -> _Rollouts:
+        """Queue the pairs through ``envs``: step only the environments with a pair, each on its own
+        (the policy acts for all of them in one call), refilling a finished one with the next pair."""
         M, n = len(seeds), len(envs)
         r = _Rollouts(np.zeros(M), np.zeros(M, dtype=np.int64),
                       ObsNormalizer(self.actor.obs_dim) if collect else None, 0)
-        slot_pair = np.arange(n)
+        slot_pair = np.arange(n)  # the pair each environment runs, -1 once the queue is empty
+        slot_params = params[:n].copy()
         obs = np.stack([np.asarray(envs[s].reset(seed=int(seeds[s]))[0], dtype=np.float64) for s in range(n)])
-        self._step_single(envs, slot_pair, obs, params[:n].copy(), r, norm, params, seeds, n)
-        return r
-
-    def _step_single(self, envs, slot_pair, obs, slot_params, r: _Rollouts, norm, params=None, seeds=(),
-                     next_pair: int = 0) -> None:
-        """Step only the sub-environments with a pair, each on its own, refilling from ``params``/``seeds``."""
-        M = len(seeds)
+        next_pair = n
         while True:
             idx = np.nonzero(slot_pair >= 0)[0]
             if idx.size == 0:
-                return
+                return r
             o = obs[idx]
             if r.obs is not None:
                 r.obs.update(o)
@@ -811,12 +808,6 @@ class GymPolicyOracle(Oracle):
                     else:
                         slot_pair[s] = -1
 
-    def _idle_action(self, n: int) -> np.ndarray:
-        if self.actor.discrete:
-            return np.full(n, self.actor.action_start, dtype=np.int64)
-        mid = np.clip(np.zeros(self.actor.act_dim), self.actor.low, self.actor.high)
-        return np.tile(mid, (n, 1)).astype(self.actor.action_dtype)
-
     def close(self) -> None:
         """Close the environments (they are rebuilt on the next query)."""
         for env in self._envs.values():
@@ -833,7 +824,8 @@ class GymPolicyOracle(Oracle):
             "batch_used": self._used, "extra_episodes": self._extra_episodes, "env_steps": self._env_steps,
             "vector_steps": self._vector_steps, "eval_episodes": self._eval_episodes,
             "eval_env_steps": self._eval_env_steps, "obs_norm": self.obs_norm, "reward_shift": self.reward_shift,
-            "common_seeds": self.common_seeds, "batch_pos": self._pos, "obs_stats": self.obs_stats.state_dict(), "pending_obs_stats": self._pending_stats.state_dict(),
+            "common_seeds": self.common_seeds, "batch_pos": self._pos,
+            "obs_stats": self.obs_stats.state_dict(), "pending_obs_stats": self._pending_stats.state_dict(),
         })
         return state
 
