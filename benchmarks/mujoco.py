@@ -44,9 +44,9 @@ the true reward (no shift) and the current observation statistics; *episodes to 
 training episodes only. A run stops at its first check whose mean reaches the threshold; the
 solving policy is then confirmed on 100 other held-out episodes (reported, not used to stop).
 
-Env steps per second: the library's rollouts (``GymPolicyOracle.evaluate`` of a batch of 16
+Env steps per second: the library's rollouts (``GymPolicyOracle.evaluate`` of a batch of 48
 queries, vector environment) against a plain gymnasium loop (one ``gym.make`` env, ``reset(seed)``,
-``step(clip(W obs))``) on the same 16 episodes of ARS's starting policy ``W = 0`` (equal returns
+``step(clip(W obs))``) on the same 48 episodes of ARS's starting policy ``W = 0`` (equal returns
 checked), environments made before timing, medians of 5 interleaved rounds after a warm-up round.
 
 Every finished run is appended to ``results/mujoco_runs.jsonl`` (one line per task, solver, seed,
@@ -301,7 +301,7 @@ def plain_loop(env, W: np.ndarray, seeds: list[int]) -> tuple[np.ndarray, int]:
     return np.array(returns), steps
 
 
-def speed(env_id: str, episodes: int = 16, rounds: int = 5) -> dict:
+def speed(env_id: str, episodes: int = 48, rounds: int = 5) -> dict:
     """Env steps per second: the oracle's batch rollouts vs the plain loop on the same episodes (the
     same linear policy and env seeds; equal returns checked). Environments are made before timing;
     one untimed warm-up round; medians over interleaved rounds."""
