@@ -429,3 +429,16 @@ def test_every_boundary_field_is_checked_before_anything_changes(field, value, w
         b.load_state_dict(dict(state, boundary=dict(state["boundary"], rule=bad_x)))
     with pytest.raises(CheckpointError, match="bounds"):
         b.load_state_dict(dict(state, bounds=[torch.ones(3), torch.zeros(3)]))
+
+
+def test_lbfgs_first_step_with_a_gradient_whose_norm_underflows():
+    """Regression (a hypothesis case): losses 0 and 2.2e-308 give a nonzero forward-difference
+    gradient whose norm underflows to 0; the first step must not divide by it."""
+    import math as _math
+
+    from zoblackbox import minimize as _minimize
+
+    values = iter([0.0, 2.2250738585072014e-308, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    res = _minimize(lambda x: next(values, 0.0), np.zeros(2), estimator=CoordinateEstimator(mu=1e-6),
+                    optimizer="lbfgs", budget=4)
+    assert res.nfev <= 4 and _math.isfinite(res.fun)

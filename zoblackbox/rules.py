@@ -562,7 +562,9 @@ class LBFGSRule(UpdateRule):
                 memory.clear()
                 p = -g
                 dphi0 = float(torch.dot(g, p))
-            alpha = self.lr if memory else self.lr * min(1.0, 1.0 / float(g.norm()))
+            # a nonzero gradient of subnormal entries has a norm that underflows to 0: the step is then lr
+            gnorm = float(g.norm())
+            alpha = self.lr if memory else self.lr * (min(1.0, 1.0 / gnorm) if gnorm > 0 else 1.0)
             x_new, f_new, stop = yield from self._line_search(engine, xd, f, p, dphi0, alpha)
             if x_new is not None:
                 break
