@@ -256,6 +256,19 @@ class SimulationSet:
     def aux_at(self, sims: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
         return None if self.aux is None else self.aux[sims, t]
 
+    def split(self, n_first: int) -> tuple[SimulationSet, SimulationSet]:
+        """The first ``n_first`` simulations and the rest, e.g. a fit and a validation set
+        (``1 <= n_first < n_sims``; the ``info`` of each says which part it is)."""
+        if isinstance(n_first, bool) or not isinstance(n_first, int) or not 1 <= n_first < self.n_sims:
+            raise ConfigError(f"n_first must be an int in [1, {self.n_sims - 1}] to leave both parts of the "
+                              f"{self.n_sims} simulations non-empty, got {n_first!r}")
+        parts = []
+        for name, idx in (("first", slice(0, n_first)), ("rest", slice(n_first, self.n_sims))):
+            aux = None if self.aux is None else self.aux[idx].clone()
+            parts.append(SimulationSet(self.states[idx].clone(), aux,
+                                       {**self.info, "part": name, "of_sims": self.n_sims}))
+        return parts[0], parts[1]
+
 
 def _check_compatible(step: PhiFlowStep, net: CorrectionCNN, data: SimulationSet) -> None:
     sc = step.scenario

@@ -66,7 +66,8 @@ FO_NON_RATIO, FO_NON_SEEDS = 0.8, 4  # FO-SOL <= 0.8 x NON in >= 4 of 5 seeds
 ZO_GAP, HYBRID_GAP, HYBRID_FEWER = 0.80, 0.95, 10.0
 FULL_LIMIT_S, QUICK_LIMIT_S = 1800.0, 300.0
 #: --quick: 1 seed, and per scenario fewer SOL steps / simulations (a smoke run of every method)
-QUICK = {"burgers1d": {"recipe": {"sol_steps": 60, "non_steps": 500}, "config": {"n_train": 8, "n_test": 4}},
+QUICK = {"burgers1d": {"recipe": {"sol_steps": 60, "non_steps": 500, "validation_sims": 2},
+                       "config": {"n_train": 8, "n_test": 4}},
          "wake2d": {"recipe": {"sol_steps": 8, "non_steps": 100}, "config": {"steps": 16, "n_train": 2, "n_test": 1}}}
 
 #: How the recipes were chosen: validation MAE of full rollouts on training simulations only (burgers:
@@ -107,6 +108,38 @@ TUNING = {
              "ratio_seeds_0_1_2": [1.20, 1.11, 1.17], "note": "worse than NON"},
         ],
     },
+    "burgers1d_session_2026_12_08": {
+        "split": "the same split, now also the benchmark's: every method fits training simulations 0-13 and "
+                 "14-19 are held back (Recipe.validation_sims = 6); the earlier rows trained NON on all 20 for the "
+                 "test run, so their validation numbers did not predict it",
+        "finding": "NON fit on 14 simulations is unstable on simulation 18 (validation MAE 0.07-0.49 over seeds 0-4, "
+                   "SRC 0.13); fit on all 20 it is 0.05-0.07. Unrolled training keeps the corrected rollouts on "
+                   "states NON never saw: the distribution-shift effect of Um et al.",
+        "selection_rule": "most seeds with FO-SOL <= 0.8 x NON, then the lowest mean ratio (seeds 0-4; 5-9 to check)",
+        "grid": [
+            {"fo": "lr 3e-4 (the old recipe)", "ratios_seeds_0_to_4": [0.674, 0.336, 0.895, 0.531, 0.487]},
+            {"fo": "lr 1e-3 (chosen)", "ratios_seeds_0_to_4": [0.533, 0.355, 0.940, 0.448, 0.384],
+             "ratios_seeds_5_to_9": [0.790, 0.776, 0.965, 0.002, 0.874]},
+            {"fo": "lr 3e-3", "ratios_seeds_0_to_4": [0.619, 0.153, 0.972, 0.484, 0.377]},
+            {"fo": "lr 3e-4, 600 steps", "ratios_seeds_0_to_4": [0.635, 0.412, 0.961, 0.585, 0.459]},
+            {"fo": "lr 3e-4, unroll 32", "ratios_seeds_0_to_4": [1.268, 0.574, 0.981, 0.650, 0.630]},
+            {"fo": "lr 1e-3, unroll 8", "ratios_seeds_0_to_4": [0.503, 0.399, 0.964, 0.512, 0.504]},
+            {"fo": "lr 1e-3, batch 8", "ratios_seeds_0_to_4": [0.534, 0.287, 0.965, 0.489, 0.425],
+             "ratios_seeds_5_to_9": [0.874, 0.814, 1.316, 0.002, 0.909]},
+            {"fo": "lr 1e-3, network (4,)", "ratios_seeds_0_to_4": [0.865, 0.897, 0.851, 0.674, 0.596]},
+            {"fo": "lr 1e-3, network (4, 4) kernel 3", "ratios_seeds_0_to_4": [1.069, 0.993, 1.074, 0.628, 0.865]},
+            {"scenario": "fit 0-9, validate 10-19", "fo": "lr 1e-3",
+             "ratios_seeds_0_to_9": [0.895, 0.630, 0.919, 0.962, 0.873, 0.769, 0.710, 0.838, 0.480, 0.850]},
+            {"scenario": "nu 0.02 / nu 0 / source dt 1.2", "fo": "lr 3e-4",
+             "ratios_seeds_0_to_4": {"nu 0.02": [0.721, 1.04, 0.779, 0.848, 1.539],
+                                     "nu 0": [0.666, 0.977, 0.909, 0.831, 0.772],
+                                     "dt 1.2": [0.763, 0.697, 0.913, 0.878, 0.171]}},
+            {"scenario": "200 recorded steps", "fo": "lr 1e-3",
+             "ratios_seeds_0_to_9": [0.888, 0.018, 0.045, 1.079, 0.003, 0.889, 576.8, 0.17, 0.002, 0.656],
+             "note": "NON and FO-SOL both diverge on some seeds"},
+        ],
+        "expected": "7 of the 10 validation seeds meet 0.8 with the chosen recipe, so 4 of 5 test seeds is not certain",
+    },
     "wake2d": {"split": "not tuned: the CPU-sized recipe was set before the run (smoke-test sizes scaled to fit "
                         "the 30-minute budget); no test simulation was used to choose it"},
 }
@@ -124,13 +157,17 @@ def scenario_summary(per_seed: dict[int, dict], problem, recipe) -> dict:
     def per_method(key):
         return {name: statistics.fmean(r[key] for r in rs) for name, rs in runs.items()}
 
-    out = {"mae": mae, "solver_calls": per_method("solver_rows"), "solver_batches": per_method("solver_calls"),
+    val = {name: mean_std([r["val_mae"] for r in rs]) for name, rs in runs.items()
+           if all(r.get("val_mae") is not None for r in rs)}
+    out = {"mae": mae, "val_mae": val, "solver_calls": per_method("solver_rows"), "solver_batches": per_method("solver_calls"),
            "queries": per_method("queries"), "wall_s": per_method("train_wall_s"), "sol_steps": per_method("steps"),
            "seeds": sorted(per_seed), "params": runs["SRC"][0]["params"],
            "mae_curve_mean": {n: torch.tensor([r["mae_curve"] for r in rs]).mean(0).tolist() for n, rs in runs.items()},
            "failures": {name: [r["failures"] for r in rs] for name, rs in runs.items()},
            "estimators": {name: rs[0].get("estimator") for name, rs in runs.items() if rs[0].get("estimator")},
-           "data": {"n_train": problem.train.n_sims, "n_test": problem.test.n_sims, "steps": problem.test.n_steps,
+           "data": {"n_train": problem.train.n_sims, "n_validation": recipe.validation_sims,
+                    "n_fit": problem.train.n_sims - recipe.validation_sims, "n_test": problem.test.n_sims,
+                    "steps": problem.test.n_steps,
                     "config": problem.config},
            "recipe": asdict(recipe)}
     out["targets"] = targets(out)

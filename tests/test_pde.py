@@ -313,6 +313,55 @@ def test_simulation_set_checks_shapes():
         SimulationSet(torch.zeros(2, 5, 1, 8), torch.zeros(2, 5, 1, 8))
 
 
+def test_simulation_set_split_keeps_every_simulation_once():
+    states, aux = torch.randn(5, 4, 1, 8), torch.randn(5, 3, 1, 8)
+    first, rest = SimulationSet(states, aux, {"split": "train"}).split(3)
+    assert torch.equal(torch.cat([first.states, rest.states]), states)
+    assert torch.equal(torch.cat([first.aux, rest.aux]), aux)
+    assert (first.n_sims, rest.n_sims) == (3, 2) and first.info["split"] == "train" and rest.info["part"] == "rest"
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(ConfigError, match=f"n_first must be an int in \\[1, 4\\].*got {bad!r}"):
+            SimulationSet(states, aux).split(bad)
+
+
+def test_validation_sims_are_held_out_of_every_method(burgers, monkeypatch):
+    """With ``validation_sims`` the methods fit only the first training simulations (NON's pairs, the
+    SOL oracle's minibatches) and every result carries the validation MAE of the held-back ones."""
+    from dataclasses import replace
+
+    from zoblackbox.adapters import phiflow
+    from zoblackbox.cli_pde import Problem, run_methods
+    from zoblackbox.recipes import Recipe
+
+    step, _, test = burgers
+    train, _ = burgers_datasets(SMALL, n_train=3, n_test=1, seed=0)
+    problem = Problem("burgers1d", step, train, test, {})
+    seen = []
+    original_non, original_oracle = phiflow.train_non, phiflow.SolverInTheLoopOracle
+
+    def spy_non(step_, net, data, **kw):
+        seen.append(("non", data.n_sims))
+        return original_non(step_, net, data, **kw)
+
+    def spy_oracle(step_, net, data, **kw):
+        seen.append(("sol", data.n_sims))
+        return original_oracle(step_, net, data, **kw)
+
+    monkeypatch.setattr(phiflow, "train_non", spy_non)
+    monkeypatch.setattr(phiflow, "SolverInTheLoopOracle", spy_oracle)
+    recipe = Recipe(hidden=(2,), non_steps=5, sol_steps=2, unroll=3, batch_size=1, validation_sims=1)
+    out = run_methods(problem, ["src", "non", "fo-sol"], recipe, seed=0, log=lambda *_: None)
+    assert seen == [("non", 2), ("sol", 2)]
+    held = train.split(2)[1]
+    assert out["src"]["val_mae"] == pytest.approx(rollout_mae(step, None, None, held)[0])
+    assert out["src"]["val_mae"] != pytest.approx(out["src"]["mae"])
+    assert all(math.isfinite(row["val_mae"]) for row in out.values())
+    plain = run_methods(problem, ["src"], replace(recipe, validation_sims=0), seed=0, log=lambda *_: None)
+    assert plain["src"]["val_mae"] is None
+    with pytest.raises(ConfigError, match="validation_sims must be an int in \\[0, 2\\].*got 3"):
+        run_methods(problem, ["src"], replace(recipe, validation_sims=3), seed=0)
+
+
 # --------------------------------------------------------------------------- scenario 2
 def test_wake_flow_runs_end_to_end():
     from zoblackbox.adapters.wake import WakeConfig, downsample_staggered, wake_datasets
@@ -339,6 +388,25 @@ def test_wake_flow_runs_end_to_end():
         downsample_staggered(torch.zeros(2, 9, 6), 2)
 
 
+def test_wake_flow_evolves_and_the_inflow_sets_only_the_inflow_faces():
+    """Regression: an infinite inflow box made PhiFlow mark every face as inflow, so each step reset
+    the velocity to the uniform inflow and the 'wake' was a static potential flow (every recorded
+    frame equal, the step independent of its input)."""
+    from zoblackbox.adapters.wake import WakeConfig, wake_datasets
+
+    config = WakeConfig(x=16, y=8, cylinder=(4.0, 4.0, 1.0), warmup=2, steps=4)
+    solver = config.solver("source")
+    mask = torch.as_tensor(solver.inflow_mask().staggered_tensor().numpy("vector,x,y"))  # (2, 17, 9)
+    assert mask[0, 0, :8].eq(1).all() and mask[0, 1:].eq(0).all()  # x faces: the left boundary only
+    assert mask[1, 1:].eq(0).all()  # y faces: none past the first column of cells
+    train, _ = wake_datasets(config, n_train=1, n_test=1, seed=0)
+    frames = train.states[0]
+    assert all(float((frames[t + 1] - frames[t]).abs().max()) > 1e-3 for t in range(4))
+    step = PhiFlowStep(solver)
+    u, aux = train.states[:, 1], train.aux[:, 0]
+    assert float((step(u, aux) - step(0.5 * u, aux)).abs().max()) > 1e-2
+
+
 # --------------------------------------------------------------------------- command line
 def test_pde_command_writes_results(tmp_path, capsys):
     from zoblackbox.cli import main
@@ -356,6 +424,14 @@ def test_pde_command_writes_results(tmp_path, capsys):
     assert data["queries"]["rge-sol"] <= data["queries"]["zo-sol"]
     assert data["methods"]["zo-sol"]["solver_calls"] == 2 * 3
     assert "test MAE" in capsys.readouterr().out
+    assert all(r["val_mae"] is None for r in data["methods"].values())  # --n-train: no validation set by default
+    rc = main(["pde", "--method", "src", "--n-train", "3", "--n-test", "1", "--sim-steps", "6", "--warmup", "0",
+               "--unroll", "3", "--validation-sims", "1", "--json", str(path)])
+    assert rc == 0 and "fit 2 of the training simulations; the last 1 are validation" in capsys.readouterr().out
+    assert math.isfinite(json.loads(path.read_text())["methods"]["src"]["val_mae"])
+    rc = main(["pde", "--method", "src", "--n-train", "2", "--n-test", "1", "--sim-steps", "6",
+               "--unroll", "3", "--validation-sims", "2"])
+    assert rc == 2 and "validation_sims must be an int in [0, 1]" in capsys.readouterr().err
 
 
 def test_pde_command_rejects_bad_values(capsys):

@@ -54,6 +54,17 @@ class Problem:
     test: SimulationSet
     config: dict
 
+    def fit_split(self, validation_sims: int = 0) -> tuple[SimulationSet, SimulationSet | None]:
+        """The training simulations the methods fit and the held-back validation ones (the last
+        ``validation_sims``; ``None`` when it is 0)."""
+        if isinstance(validation_sims, bool) or not isinstance(validation_sims, int) or not (
+                0 <= validation_sims < self.train.n_sims):
+            raise ConfigError(f"validation_sims must be an int in [0, {self.train.n_sims - 1}] (the scenario has "
+                              f"{self.train.n_sims} training simulations), got {validation_sims!r}")
+        if validation_sims == 0:
+            return self.train, None
+        return self.train.split(self.train.n_sims - validation_sims)
+
     def make_net(self, recipe: Recipe, seed: int):
         from .adapters.phiflow import CorrectionCNN
 
@@ -114,7 +125,9 @@ def run_methods(problem: Problem, methods, recipe: Recipe, seed: int = 0, *, log
 
     Returns ``{method: result}`` with ``mae`` (test rollouts, all recorded steps), ``mae_curve``
     (per rollout step), ``queries``, ``solver_calls``, ``solver_rows``, ``train_wall_s``, ``steps``
-    and ``failures`` (the oracle's report; ZO methods).
+    and ``failures`` (the oracle's report; ZO methods), and ``val_mae`` (the held-back validation
+    simulations of ``recipe.validation_sims``, ``None`` without them). Every method trains on the
+    training simulations that are not held back.
     """
     from .adapters.phiflow import (
         SolverInTheLoopOracle,
@@ -132,6 +145,7 @@ def run_methods(problem: Problem, methods, recipe: Recipe, seed: int = 0, *, log
     if recipe.warm_start not in ("non", "none"):
         raise ConfigError(f"warm_start must be 'non' or 'none', got {recipe.warm_start!r}")
     step, train, test = problem.step, problem.train, problem.test
+    train, val = problem.fit_split(recipe.validation_sims)
     net = problem.make_net(recipe, seed)
     d = net.layout.dim
     x_init = net.get_params().to(torch.float64)
@@ -140,14 +154,16 @@ def run_methods(problem: Problem, methods, recipe: Recipe, seed: int = 0, *, log
     def evaluate(name, params, res=None, extra=None):
         mae, curve = rollout_mae(step, net, params, test)
         row = {"mae": mae, "mae_curve": curve.tolist(), "params": d, "queries": 0, "solver_calls": 0,
-               "solver_rows": 0, "train_wall_s": 0.0, "steps": 0, "failures": {}}
+               "solver_rows": 0, "train_wall_s": 0.0, "steps": 0, "failures": {},
+               "val_mae": None if val is None else rollout_mae(step, net, params, val)[0]}
         if res is not None:
             row.update(queries=res.queries, solver_calls=res.solver_calls, solver_rows=res.solver_rows,
                        train_wall_s=res.wall_s, steps=res.steps, failures=res.failures,
                        final_loss=res.history[-1]["loss"] if res.history else None)
         row.update(extra or {})
         out[name] = row
-        log(f"  seed {seed} {name:<10} test MAE {mae:.4f}  queries {row['queries']:>9,}  solver calls "
+        shown = "" if val is None else f"val MAE {row['val_mae']:.4f}  "
+        log(f"  seed {seed} {name:<10} {shown}test MAE {mae:.4f}  queries {row['queries']:>9,}  solver calls "
             f"{row['solver_calls']:>6,}  train {row['train_wall_s']:.1f}s")
 
     if "src" in methods:
@@ -229,6 +245,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--hybrid-q", type=positive_int, default=None,
                    help="hybrid-sol: RGE directions per solver row (default: the recipe's; burgers: CGE over the state)")
     p.add_argument("--warm-start", choices=["non", "none"], default=None)
+    p.add_argument("--validation-sims", type=non_negative_int, default=None,
+                   help="hold back the last N training simulations as a validation set (default: the recipe's, "
+                        "burgers 6, wake 0, or 0 with --n-train); 0 trains on all")
     p.add_argument("--threads", type=thread_count, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(handler=cmd_pde)
@@ -240,7 +259,9 @@ def recipe_from_args(args) -> Recipe:
     overrides = {"sol_steps": args.sol_steps, "non_steps": args.non_steps, "unroll": args.unroll,
                  "batch_size": args.batch_size, "sol_lr": args.lr, "rge_lr": args.rge_lr, "mu": args.mu,
                  "scheme": args.scheme, "rge_q": args.q, "warm_start": args.warm_start,
-                 "hybrid_q": args.hybrid_q}
+                 "hybrid_q": args.hybrid_q, "validation_sims": args.validation_sims}
+    if args.validation_sims is None and args.n_train is not None:
+        overrides["validation_sims"] = 0  # the recipe's validation set belongs to the recipe's training set
     return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -255,11 +276,16 @@ def cmd_pde(args) -> int:
         raise ConfigError(f"--unroll {recipe.unroll} exceeds the {problem.train.n_steps} recorded steps")
     print(f"zoblackbox pde: {args.scenario}, {problem.train.n_sims} training / {problem.test.n_sims} test simulations "
           f"of {problem.train.n_steps} steps, source {problem.step.scenario!r}")
+    fit, val = problem.fit_split(recipe.validation_sims)
+    if val is not None:
+        print(f"  the methods fit {fit.n_sims} of the training simulations; the last {val.n_sims} are validation")
     results = run_methods(problem, args.method, recipe, args.seed)
     wall = time.perf_counter() - t0
-    print(f"\n  {'method':<10}{'test MAE':>10}{'queries':>12}{'solver calls':>14}{'train s':>9}")
+    print(f"\n  {'method':<10}{'val MAE':>9}{'test MAE':>10}{'queries':>12}{'solver calls':>14}{'train s':>9}")
     for name, r in results.items():
-        print(f"  {name:<10}{r['mae']:>10.4f}{r['queries']:>12,}{r['solver_calls']:>14,}{r['train_wall_s']:>9.1f}")
+        shown = "-" if r["val_mae"] is None else f"{r['val_mae']:.4f}"
+        print(f"  {name:<10}{shown:>9}{r['mae']:>10.4f}{r['queries']:>12,}{r['solver_calls']:>14,}"
+              f"{r['train_wall_s']:>9.1f}")
     print(f"total {wall:.1f} s")
     if args.json is not None:
         summary = {"scenario": args.scenario, "seed": args.seed, "data_seed": args.data_seed, "recipe": asdict(recipe),
