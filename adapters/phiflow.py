@@ -67,6 +67,7 @@ __all__ = [
     "require_phiflow",
     "rollout",
     "rollout_mae",
+    "rollout_maes",
     "semi_lagrangian_1d",
     "solver_blackbox",
     "train_fo_sol",
@@ -551,6 +552,27 @@ def rollout_mae(step: PhiFlowStep, net: CorrectionCNN | None, params: torch.Tens
     ref = data.states[:, :traj.shape[1]].to(traj.dtype)
     per_frame = (traj[:, 1:] - ref[:, 1:]).abs().transpose(0, 1).reshape(traj.shape[1] - 1, -1).mean(dim=1)
     return float(per_frame.mean()), per_frame
+
+
+def rollout_maes(step: PhiFlowStep, net: CorrectionCNN | None, params: torch.Tensor | None,
+                 sets: Sequence[SimulationSet]) -> list[tuple[float, torch.Tensor]]:
+    """:func:`rollout_mae` of several simulation sets of equal length from one batched rollout
+    (one solver call per step for all of them; same values as separate calls)."""
+    if not sets:
+        raise ConfigError("sets must hold at least one SimulationSet")
+    steps = {s.n_steps for s in sets}
+    if len(steps) != 1:
+        raise ConfigError(f"the sets must have equally many steps to share a rollout, got {sorted(steps)}")
+    aux = None if sets[0].aux is None else torch.cat([s.aux for s in sets])
+    joint = SimulationSet(torch.cat([s.states for s in sets]), aux)
+    traj = rollout(step, net, params, joint)
+    err = (traj[:, 1:] - joint.states[:, 1:].to(traj.dtype)).abs()
+    out, start = [], 0
+    for s in sets:
+        part = err[start:start + s.n_sims].transpose(0, 1).reshape(err.shape[1], -1).mean(dim=1)
+        out.append((float(part.mean()), part))
+        start += s.n_sims
+    return out
 
 
 # --------------------------------------------------------------------------- training

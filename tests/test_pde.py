@@ -21,6 +21,7 @@ from zoblackbox.adapters.phiflow import (
     default_estimator,
     require_phiflow,
     rollout_mae,
+    rollout_maes,
     semi_lagrangian_1d,
     solver_blackbox,
     train_hybrid_sol,
@@ -322,6 +323,22 @@ def test_simulation_set_split_keeps_every_simulation_once():
     for bad in (0, 5, 2.0, True):
         with pytest.raises(ConfigError, match=f"n_first must be an int in \\[1, 4\\].*got {bad!r}"):
             SimulationSet(states, aux).split(bad)
+
+
+def test_one_rollout_of_several_sets_equals_separate_rollouts(burgers):
+    step, train, test = burgers
+    net = _net()
+    params = net.get_params().to(torch.float64)
+    joint = rollout_maes(step, net, params, [test, train])
+    for (mae, curve), data in zip(joint, (test, train)):
+        alone, alone_curve = rollout_mae(step, net, params, data)
+        assert mae == pytest.approx(alone, rel=1e-12)
+        torch.testing.assert_close(curve, alone_curve, rtol=1e-12, atol=0)
+    short = SimulationSet(test.states[:, :5], test.aux[:, :4])
+    with pytest.raises(ConfigError, match=r"equally many steps to share a rollout, got \[4, 24\]"):
+        rollout_maes(step, net, params, [test, short])
+    with pytest.raises(ConfigError, match="at least one"):
+        rollout_maes(step, net, params, [])
 
 
 def test_validation_sims_are_held_out_of_every_method(burgers, monkeypatch):

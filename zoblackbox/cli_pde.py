@@ -131,7 +131,7 @@ def run_methods(problem: Problem, methods, recipe: Recipe, seed: int = 0, *, log
     """
     from .adapters.phiflow import (
         SolverInTheLoopOracle,
-        rollout_mae,
+        rollout_maes,
         train_fo_sol,
         train_hybrid_sol,
         train_non,
@@ -152,10 +152,11 @@ def run_methods(problem: Problem, methods, recipe: Recipe, seed: int = 0, *, log
     out: dict = {}
 
     def evaluate(name, params, res=None, extra=None):
-        mae, curve = rollout_mae(step, net, params, test)
+        maes = rollout_maes(step, net, params, [test] if val is None else [test, val])
+        mae, curve = maes[0]
         row = {"mae": mae, "mae_curve": curve.tolist(), "params": d, "queries": 0, "solver_calls": 0,
                "solver_rows": 0, "train_wall_s": 0.0, "steps": 0, "failures": {},
-               "val_mae": None if val is None else rollout_mae(step, net, params, val)[0]}
+               "val_mae": None if val is None else maes[1][0]}
         if res is not None:
             row.update(queries=res.queries, solver_calls=res.solver_calls, solver_rows=res.solver_rows,
                        train_wall_s=res.wall_s, steps=res.steps, failures=res.failures,
