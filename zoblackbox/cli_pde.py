@@ -228,7 +228,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="seed of the network and the minibatches (0 <= seed < 2**63)")
     p.add_argument("--data-seed", type=seed_int, default=0,
                    help="seed of the generated simulations (0 <= seed < 2**63)")
-    p.add_argument("--n-train", type=positive_int, default=None, help="training simulations (default: the recipe's, burgers 20, wake 4)")
+    p.add_argument("--n-train", type=positive_int, default=None, help="training simulations (default: the recipe's, burgers 20, wake 6)")
     p.add_argument("--n-test", type=positive_int, default=None, help="test simulations (default: the recipe's, burgers 10, wake 2)")
     p.add_argument("--sim-steps", type=positive_int, default=None, help="recorded steps per simulation (default: the recipe's, burgers 100, wake 40)")
     p.add_argument("--warmup", type=non_negative_int, default=None, help="reference steps before recording")
@@ -248,7 +248,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warm-start", choices=["non", "none"], default=None)
     p.add_argument("--validation-sims", type=non_negative_int, default=None,
                    help="hold back the last N training simulations as a validation set (default: the recipe's, "
-                        "burgers 6, wake 0, or 0 with --n-train); 0 trains on all")
+                        "burgers 6, wake 2, or 0 with --n-train); 0 trains on all")
     p.add_argument("--threads", type=thread_count, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(handler=cmd_pde)
