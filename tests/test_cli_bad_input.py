@@ -379,7 +379,7 @@ def test_minimize_with_nan_final_fun_exits_1(workdir, monkeypatch, capsys):
 def test_pde_with_nan_mae_exits_1(workdir, monkeypatch, capsys):
     from zoblackbox import cli_pde
 
-    problem = types.SimpleNamespace(train=types.SimpleNamespace(n_steps=1000, n_sims=1),
+    problem = types.SimpleNamespace(train=types.SimpleNamespace(n_steps=1000, n_sims=20),
                                     test=types.SimpleNamespace(n_sims=1),
                                     step=types.SimpleNamespace(scenario="fake"), config={})
     row = {"mae": math.nan, "queries": 0, "solver_calls": 0, "train_wall_s": 0.0}

@@ -277,14 +277,15 @@ def cmd_pde(args) -> int:
         raise ConfigError(f"--unroll {recipe.unroll} exceeds the {problem.train.n_steps} recorded steps")
     print(f"zoblackbox pde: {args.scenario}, {problem.train.n_sims} training / {problem.test.n_sims} test simulations "
           f"of {problem.train.n_steps} steps, source {problem.step.scenario!r}")
-    fit, val = problem.fit_split(recipe.validation_sims)
-    if val is not None:
-        print(f"  the methods fit {fit.n_sims} of the training simulations; the last {val.n_sims} are validation")
+    held = recipe.validation_sims
+    if held:
+        print(f"  the methods fit {problem.train.n_sims - held} of the training simulations; the last {held} are "
+              "validation")
     results = run_methods(problem, args.method, recipe, args.seed)
     wall = time.perf_counter() - t0
     print(f"\n  {'method':<10}{'val MAE':>9}{'test MAE':>10}{'queries':>12}{'solver calls':>14}{'train s':>9}")
     for name, r in results.items():
-        shown = "-" if r["val_mae"] is None else f"{r['val_mae']:.4f}"
+        shown = "-" if r.get("val_mae") is None else f"{r['val_mae']:.4f}"
         print(f"  {name:<10}{shown:>9}{r['mae']:>10.4f}{r['queries']:>12,}{r['solver_calls']:>14,}"
               f"{r['train_wall_s']:>9.1f}")
     print(f"total {wall:.1f} s")
