@@ -142,7 +142,7 @@ class WakeFlow2D:
 
         The box is finite on purpose: PhiFlow 3.4 samples ``Box(x=(-INF, a), y=None)`` as 1 on every
         face, which replaced the whole velocity by the inflow each step, so the flow never evolved
-        past the potential flow around the cylinder (the scenario's data before 0.x were static)."""
+        past the potential flow around the cylinder (the data of every run before 2026-12-08 were static)."""
         if self._inflow_mask is None:
             flow = self._phi()
             box = flow.Box(x=(-self.dx, 0.5 * self.dx), y=(-self.height, 2 * self.height))

@@ -144,7 +144,7 @@ def run_methods(problem: Problem, methods, recipe: Recipe, seed: int = 0, *, log
         raise ConfigError(f"unknown method(s) {unknown}; expected some of {METHODS}")
     if recipe.warm_start not in ("non", "none"):
         raise ConfigError(f"warm_start must be 'non' or 'none', got {recipe.warm_start!r}")
-    step, train, test = problem.step, problem.train, problem.test
+    step, test = problem.step, problem.test
     train, val = problem.fit_split(recipe.validation_sims)
     net = problem.make_net(recipe, seed)
     d = net.layout.dim
