@@ -549,8 +549,13 @@ def rollout_mae(step: PhiFlowStep, net: CorrectionCNN | None, params: torch.Tens
     """MAE of the rollouts against the reference over frames 1..steps (all simulations, values),
     and the per-frame MAE curve (length ``steps``)."""
     traj = rollout(step, net, params, data, steps)
-    ref = data.states[:, :traj.shape[1]].to(traj.dtype)
-    per_frame = (traj[:, 1:] - ref[:, 1:]).abs().transpose(0, 1).reshape(traj.shape[1] - 1, -1).mean(dim=1)
+    return _mae(traj, data.states[:, :traj.shape[1]])
+
+
+def _mae(traj: torch.Tensor, ref: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """MAE of rollouts against reference frames over frames 1.., and the per-frame curve."""
+    per_frame = (traj[:, 1:] - ref[:, 1:].to(traj.dtype)).abs().transpose(0, 1).reshape(traj.shape[1] - 1, -1)
+    per_frame = per_frame.mean(dim=1)
     return float(per_frame.mean()), per_frame
 
 
@@ -566,11 +571,9 @@ def rollout_maes(step: PhiFlowStep, net: CorrectionCNN | None, params: torch.Ten
     aux = None if sets[0].aux is None else torch.cat([s.aux for s in sets])
     joint = SimulationSet(torch.cat([s.states for s in sets]), aux)
     traj = rollout(step, net, params, joint)
-    err = (traj[:, 1:] - joint.states[:, 1:].to(traj.dtype)).abs()
     out, start = [], 0
     for s in sets:
-        part = err[start:start + s.n_sims].transpose(0, 1).reshape(err.shape[1], -1).mean(dim=1)
-        out.append((float(part.mean()), part))
+        out.append(_mae(traj[start:start + s.n_sims], s.states))
         start += s.n_sims
     return out
 
